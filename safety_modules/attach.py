@@ -1,0 +1,249 @@
+"""Attach the safety modules to an unchanged Hugging Face VLM, and run it.
+
+How: the wrapper builds the LLM's input embeddings itself -- text embeddings, then per image the
+safety tokens followed by the model's own image features, scattered into the image placeholders --
+and calls the unchanged model with `inputs_embeds`. The processor reserves the extra placeholder
+positions (`num_additional_image_tokens += num_safety_tokens`), so nothing of the model's modeling
+code is copied or patched. The vision tower runs once per image; both projectors read its output.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from safety_modules.config import SafetyConfig
+from safety_modules.families import VisionFeatures, family_for
+from safety_modules.head import SafetyHead, safety_loss
+from safety_modules.projector import build_projector
+
+
+class SafetyModules(nn.Module):
+    """The trainable parts: safety projector, two sets of safety tokens, safety head.
+
+    Their `state_dict()` is exactly what an adapter file holds.
+    """
+
+    def __init__(self, cfg: SafetyConfig, vision_width: int, text_width: int, num_patches: int,
+                 num_heads: int, init_std: float) -> None:
+        super().__init__()
+        self.projector = build_projector(cfg, vision_width, text_width, num_patches)
+        self.llm_tokens = nn.Parameter(torch.randn(cfg.num_safety_tokens, text_width) * init_std)
+        self.head_tokens = nn.Parameter(torch.randn(cfg.num_safety_tokens, text_width) * init_std)
+        self.head = SafetyHead(text_width, num_heads, cfg.num_safety_levels, len(cfg.risk_types))
+
+
+@dataclass
+class EncodedImages:
+    """Vision features computed once per image: the base path's and the safety projector's."""
+
+    vision: VisionFeatures
+    safety_features: torch.Tensor  # (num_images, Q, text_width)
+
+
+@dataclass
+class SafetyOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    safety_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    safety_logits: torch.Tensor | None = None
+    risk_logits: torch.Tensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple | None = None
+
+
+def reserve_safety_positions(processor, num_safety_tokens: int):
+    """A copy of `processor` that lays out `num_safety_tokens` extra placeholders per image.
+
+    Both LLaVA processors count `num_additional_image_tokens` into every image's placeholder run;
+    the safety tokens take the first positions of that run.
+    """
+    already = getattr(processor, "safety_reserved_tokens", 0)
+    if already == num_safety_tokens:
+        return processor
+    if already:
+        raise ValueError(f"processor already reserves {already} safety positions, not {num_safety_tokens}")
+    if not hasattr(processor, "num_additional_image_tokens"):
+        raise TypeError(f"{type(processor).__name__} has no num_additional_image_tokens: cannot reserve "
+                        "safety-token positions (is this a LLaVA-family processor?)")
+    reserved = copy.copy(processor)
+    reserved.num_additional_image_tokens = processor.num_additional_image_tokens + num_safety_tokens
+    reserved.safety_reserved_tokens = num_safety_tokens
+    return reserved
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under a PEFT wrapper, if any."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class SafetyVLM(nn.Module):
+    """A VLM with safety modules attached. `base` is the unchanged model (or its PEFT LoRA wrapper)."""
+
+    def __init__(self, base: nn.Module, cfg: SafetyConfig, processor=None) -> None:
+        super().__init__()
+        self.base = base
+        self.safety_config = cfg
+        config = _plain(base).config
+        self.family = family_for(config)
+        ref = next(base.parameters())
+        init_std = getattr(config.text_config, "initializer_range", 0.02)
+        heads = cfg.head_num_heads or self.family.text_heads(config)
+        self.safety = SafetyModules(
+            cfg, self.family.vision_width(config), self.family.text_width(config),
+            self.family.num_patches(config), heads, init_std,
+        ).to(device=ref.device, dtype=ref.dtype)
+        self.train(base.training)
+        self.processor = reserve_safety_positions(processor, cfg.num_safety_tokens) if processor is not None else None
+
+    # -- plumbing ---------------------------------------------------------------------------
+    @property
+    def config(self):
+        return _plain(self.base).config
+
+    @property
+    def plain_model(self) -> nn.Module:
+        return _plain(self.base)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.safety.parameters()).device
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.plain_model.gradient_checkpointing_enable(**kwargs)
+
+    # -- the pieces of a forward pass -------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> EncodedImages:
+        """Run the vision tower once; return the base features and the safety features."""
+        vision = self.family.image_features(self.base, pixel_values, image_sizes,
+                                            self.safety_config.vision_feature_layer)
+        patches = vision.patches.to(next(self.safety.projector.parameters()).dtype)
+        return EncodedImages(vision=vision, safety_features=self.safety.projector(patches))
+
+    def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return input_ids == self.config.image_token_id
+
+    def build_inputs_embeds(self, input_ids: torch.Tensor, images: EncodedImages | None) -> torch.Tensor:
+        """Text embeddings with [safety tokens ; image features] scattered into each image's placeholders."""
+        placeholders = self.placeholder_mask(input_ids)
+        embed = self.base.get_input_embeddings()
+        text_ids = input_ids.masked_fill(placeholders, 0)
+        embeds = embed(text_ids)
+        n_slots = int(placeholders.sum())
+        if images is None:
+            if n_slots:
+                raise ValueError(f"input has {n_slots} image placeholders but no pixel_values were given")
+            return embeds
+        tokens = self.safety.llm_tokens.to(embeds.dtype)
+        fill = torch.cat([torch.cat([tokens, feats.to(embeds.dtype)]) for feats in images.vision.base])
+        if fill.shape[0] != n_slots:
+            k = self.safety_config.num_safety_tokens
+            n_feat = sum(f.shape[0] for f in images.vision.base)
+            raise ValueError(
+                f"input has {n_slots} image placeholders, but {len(images.vision.base)} image(s) need "
+                f"{n_feat} feature + {k} safety-token positions each ({fill.shape[0]} in all): build inputs "
+                "with the processor returned by attach()/reserve_safety_positions()"
+            )
+        return embeds.masked_scatter(placeholders.unsqueeze(-1), fill)
+
+    def head_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    images: EncodedImages | None, prompt_mask: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Safety-level and risk-type logits: prompt tokens attend to [head tokens ; safety features]."""
+        placeholders = self.placeholder_mask(input_ids)
+        if prompt_mask is None:
+            prompt_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask is not None:
+            prompt_mask = prompt_mask & attention_mask.bool()
+        prompt_mask = prompt_mask & ~placeholders
+        head_dtype = next(self.safety.head.parameters()).dtype
+        queries = self.base.get_input_embeddings()(input_ids.masked_fill(placeholders, 0)).to(head_dtype)
+        batch = input_ids.shape[0]
+        memory = self.safety.head_tokens.unsqueeze(0).expand(batch, -1, -1)
+        if images is not None:
+            if images.safety_features.shape[0] != batch:
+                raise ValueError(f"the safety head reads one image per sample: got "
+                                 f"{images.safety_features.shape[0]} images for {batch} samples")
+            memory = torch.cat([memory, images.safety_features.to(head_dtype)], dim=1)
+        return self.safety.head(queries, prompt_mask, memory)
+
+    # -- forward / generate -----------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, safety_labels: torch.Tensor | None = None,
+                risk_labels: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+                run_llm: bool = True, run_head: bool = True, images: EncodedImages | None = None,
+                **llm_kwargs) -> SafetyOutput:
+        """The base model's forward with the safety modules active.
+
+        The head reads the prompt only: positions with a label (the response) are excluded unless
+        `prompt_mask` says otherwise. `run_llm=False` skips the LLM (stage 1, the guard);
+        total loss = LM loss + loss_weight * (CE(level) + CE(risk type)).
+        """
+        if images is None and pixel_values is not None:
+            images = self.encode_images(pixel_values, image_sizes)
+        out = SafetyOutput()
+        if run_head:
+            if prompt_mask is None and labels is not None:
+                prompt_mask = labels == -100
+            out.safety_logits, out.risk_logits = self.head_logits(input_ids, attention_mask, images, prompt_mask)
+            out.safety_loss = safety_loss(out.safety_logits, out.risk_logits, safety_labels, risk_labels)
+        if run_llm:
+            embeds = self.build_inputs_embeds(input_ids, images)
+            llm_out = self.base(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+            out.logits = llm_out.logits
+            out.lm_loss = llm_out.loss
+            out.past_key_values = getattr(llm_out, "past_key_values", None)
+            out.hidden_states = getattr(llm_out, "hidden_states", None)
+        parts = []
+        if out.lm_loss is not None:
+            parts.append(out.lm_loss)
+        if out.safety_loss is not None:
+            parts.append(self.safety_config.loss_weight * out.safety_loss)
+        out.loss = sum(parts) if parts else None
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+                 images: EncodedImages | None = None, **generate_kwargs) -> torch.Tensor:
+        """Generate with the safety tokens in the sequence; returns the new tokens only.
+
+        Pass `images` (from `encode_images`) to reuse vision features already computed, e.g. by the guard.
+        Use left padding for batches.
+        """
+        if images is None and pixel_values is not None:
+            images = self.encode_images(pixel_values, image_sizes)
+        embeds = self.build_inputs_embeds(input_ids, images)
+        return self.base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+
+def attach(model: nn.Module, config: SafetyConfig | None = None, processor=None,
+           freeze_base: bool = True) -> SafetyVLM:
+    """Add the safety modules to a LLaVA-family model; returns the wrapped model.
+
+    With a processor, `model.processor` is a copy that reserves the safety-token positions. The base
+    is frozen by default (stage 1 trains only the modules).
+    """
+    if isinstance(model, SafetyVLM):
+        raise ValueError("safety modules are already attached to this model")
+    cfg = config or SafetyConfig()
+    if freeze_base:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    return SafetyVLM(model, cfg, processor)
+
+
+def detach(model: SafetyVLM) -> nn.Module:
+    """Give back the plain model: safety modules dropped, a LoRA (if any) removed unmerged."""
+    if not isinstance(model, SafetyVLM):
+        raise TypeError(f"detach expects a model returned by attach(), got {type(model).__name__}")
+    base = model.base
+    if hasattr(base, "unload"):
+        base = base.unload()
+    return base

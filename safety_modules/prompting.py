@@ -1,0 +1,22 @@
+"""One way to turn a question (and an answer) into the model's conversation text.
+
+Why: the collator, the guard, the evaluator and PPO must all format prompts identically, or the
+safety head and the LoRA see text at inference they never saw in training. The processor's own chat
+template decides the format (LLaVA-1.5's "USER: <image>\n... ASSISTANT:" on the tiny model and
+llava-1.5-hf, "[INST] ... [/INST]" on llava-v1.6-mistral).
+"""
+
+from __future__ import annotations
+
+
+def build_prompt(processor, question: str, with_image: bool = True) -> str:
+    """The text up to and including the assistant turn's opening, ready for generation."""
+    content: list[dict] = [{"type": "image"}] if with_image else []
+    content.append({"type": "text", "text": question})
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def response_suffix(processor) -> str:
+    """What follows a response in training text: the tokenizer's end-of-sequence token."""
+    return processor.tokenizer.eos_token or ""

@@ -1,0 +1,1 @@
+"""The `safevlm` command line and the end-to-end pipeline (thin layers over the packages)."""

@@ -1,0 +1,1 @@
+"""One module per `safevlm` subcommand; each defines `register(subparsers)`."""
