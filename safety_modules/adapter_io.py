@@ -134,6 +134,15 @@ def _load_state(module: nn.Module, tensors: dict[str, torch.Tensor], where: Path
     module.load_state_dict(tensors, strict=True)
 
 
+# LoRA settings that change what the same weights compute.
+LORA_SETTINGS = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
+
+
+def _setting(config, name: str):
+    value = getattr(config, name, None)
+    return sorted(value) if isinstance(value, (set, list, tuple)) else value
+
+
 def _load_lora(model: SafetyVLM, directory: Path, trainable: bool) -> None:
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
@@ -143,10 +152,23 @@ def _load_lora(model: SafetyVLM, directory: Path, trainable: bool) -> None:
     except Exception as exc:
         raise AdapterError(f"{config_path}: cannot read the LoRA config ({exc})") from None
     lora_config.inference_mode = not trainable
-    if not hasattr(model.base, "peft_config"):
-        model.base = get_peft_model(model.base, lora_config)
+    # Read the weights before touching the model: a corrupt file must not leave LoRA layers injected.
     weights = _load_tensors(directory / LORA_WEIGHTS_NAME)
-    result = set_peft_model_state_dict(model.base, weights)
+    if hasattr(model.base, "peft_config"):
+        # Loading into an existing LoRA: same-shaped weights under another alpha (or targets) would
+        # load without complaint and give other outputs, so the settings must agree.
+        current = model.base.peft_config[model.base.active_adapter]
+        for name in LORA_SETTINGS:
+            ours, theirs = _setting(lora_config, name), _setting(current, name)
+            if ours != theirs:
+                raise AdapterError(f"{config_path}: the model's LoRA differs from the adapter's: {name!r} is "
+                                   f"{ours!r} in the adapter but {theirs!r} in the model")
+    else:
+        model.base = get_peft_model(model.base, lora_config)
+    try:
+        result = set_peft_model_state_dict(model.base, weights)
+    except RuntimeError as exc:  # e.g. a size mismatch
+        raise AdapterError(f"{directory / LORA_WEIGHTS_NAME}: LoRA tensors do not fit the model ({exc})") from None
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
     if unexpected or missing:

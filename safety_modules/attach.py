@@ -233,17 +233,24 @@ def attach(model: nn.Module, config: SafetyConfig | None = None, processor=None,
     if isinstance(model, SafetyVLM):
         raise ValueError("safety modules are already attached to this model")
     cfg = config or SafetyConfig()
+    # Remembered so that detach() gives back the model as it came, trainable where it was.
+    requires_grad = {name: param.requires_grad for name, param in model.named_parameters()}
     if freeze_base:
         for param in model.parameters():
             param.requires_grad_(False)
-    return SafetyVLM(model, cfg, processor)
+    wrapped = SafetyVLM(model, cfg, processor)
+    wrapped._base_requires_grad = requires_grad
+    return wrapped
 
 
 def detach(model: SafetyVLM) -> nn.Module:
-    """Give back the plain model: safety modules dropped, a LoRA (if any) removed unmerged."""
+    """Give back the plain model: safety modules dropped, a LoRA (if any) removed unmerged, and each
+    parameter's `requires_grad` as it was before attach() froze the base."""
     if not isinstance(model, SafetyVLM):
         raise TypeError(f"detach expects a model returned by attach(), got {type(model).__name__}")
     base = model.base
     if hasattr(base, "unload"):
         base = base.unload()
+    for name, param in base.named_parameters():
+        param.requires_grad_(getattr(model, "_base_requires_grad", {}).get(name, param.requires_grad))
     return base

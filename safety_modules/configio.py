@@ -9,6 +9,7 @@ there is one way to read a config.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,30 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type; the message names the key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-5` as a number.
+
+    Why: PyYAML follows YAML 1.1, where a float needs a dot (`1.0e-5`), so `lr: 1e-5` -- how everyone
+    writes a learning rate -- would load as the string "1e-5" and fail validation.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text safely (no object construction), with YAML 1.2-style floats."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 -- _Loader is a SafeLoader
 
 
 def _type_name(tp: Any) -> str:
@@ -119,7 +144,7 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = yaml_load(raw) if raw != "" else ""
     return nested
 
 
@@ -141,7 +166,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

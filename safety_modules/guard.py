@@ -33,9 +33,14 @@ class GuardPolicy:
     def __post_init__(self) -> None:
         allowed = {"risk_type", "level"}
         for name in ("refusal_template", "instruction_template"):
-            fields = {f for _, f, _, _ in string.Formatter().parse(getattr(self, name)) if f}
+            try:
+                # None: literal text only; "" is a positional `{}`, which fill() could never satisfy.
+                fields = {f for _, f, _, _ in string.Formatter().parse(getattr(self, name)) if f is not None}
+            except ValueError as exc:  # unbalanced braces
+                raise ValueError(f"{name}: not a valid template ({exc}); write a literal brace as '{{{{' or '}}}}'") from None
             if not fields <= allowed:
-                raise ValueError(f"{name}: unknown placeholder(s) {sorted(fields - allowed)}; allowed: {sorted(allowed)}")
+                unknown = sorted(repr(f) if f else "'{}' (positional)" for f in fields - allowed)
+                raise ValueError(f"{name}: unknown placeholder(s) {', '.join(unknown)}; allowed: {sorted(allowed)}")
         if self.instruct_at_level > self.refuse_at_level:
             raise ValueError("instruct_at_level must not exceed refuse_at_level")
 
@@ -97,9 +102,9 @@ class SafetyGuard:
 
     def _encode(self, images: list, prompts: list[str]):
         texts = [build_prompt(self.processor, p) for p in prompts]
-        tokenizer = self.processor.tokenizer
-        tokenizer.padding_side = "left"
-        batch = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        # Left padding for generation, asked per call: setting tokenizer.padding_side would change the
+        # caller's processor too (reserve_safety_positions shares the tokenizer), e.g. a collator's.
+        batch = self.processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left")
         device = self.model.device
         return {k: v.to(device) for k, v in batch.items()}
 
@@ -163,10 +168,9 @@ class SafetyGuard:
                     v = verdicts[i]
                     prefix = self.policy.fill(self.policy.instruction_template, v) if v.action == "instruct" else ""
                     texts.append(build_prompt(self.processor, prefix + prompts[i]))
-                tok.padding_side = "left"
                 # Only the text changes: tokenise it and reuse the image features computed above.
                 sub = self.processor(images=[images[i] for i in to_generate], text=texts, return_tensors="pt",
-                                     padding=True)
+                                     padding=True, padding_side="left")
                 input_ids = sub["input_ids"].to(self.model.device)
                 attention_mask = sub["attention_mask"].to(self.model.device)
             generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)

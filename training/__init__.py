@@ -1,0 +1,1 @@
+"""Training: data records, the DeepSpeed engine, one recipe per method."""

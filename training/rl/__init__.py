@@ -1,0 +1,1 @@
+"""Reinforcement learning pieces for PPO (losses, rollouts, value head)."""
