@@ -1,0 +1,149 @@
+"""Items/s of the batched evaluator against answering one item at a time, same model, same run.
+
+Why: the reference harnesses answer local models one item at a time; our evaluator batches
+length-sorted items with left padding and the KV cache. Both sides here go through the same code
+(`eval.generation.answer_items`, greedy, no cache) with batch size B and 1, on a model with the
+safety modules attached, and both must produce the same answers.
+
+    python bench/eval_throughput.py                       # tiny model on CPU (target >= 4x at batch 16)
+    python bench/eval_throughput.py --shape llava-7b      # LLaVA-1.5-7B shape, random bf16 weights, GPU
+                                                          # (target >= 10x at batch 16)
+The last line of output is one JSON object: device, batch, batched_over_single, and the rates.
+Measured on the 2-core CPU of the development machine (tiny, batch 16, 16 new tokens, 1 thread):
+10.1x and 11.5x in two runs (~170-180 vs ~15-18 items/s).
+Random weights rarely emit end-of-sequence, and EOS is disabled so every answer has exactly
+--max-new-tokens tokens on both sides (a fair, fixed amount of work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from eval.benchmarks import EvalItem  # noqa: E402
+from eval.benchmarks.unsafeconcepts import PROMPTS  # noqa: E402
+from eval.generation import answer_items  # noqa: E402
+from eval.models import GenerationSettings, SafetyRunner  # noqa: E402
+from safety_modules import SafetyConfig, attach  # noqa: E402
+
+
+def tiny_model():
+    from safety_modules.tiny import build_tiny_llava
+    base, processor = build_tiny_llava(seed=0)
+    return attach(base, SafetyConfig(num_safety_tokens=4, num_queries=4), processor), 32
+
+
+def llava7b_model(device: str):
+    """LLaVA-1.5-7B shape (CLIP ViT-L/14-336 + Llama-7B), random bf16 weights, the paper's modules."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from safety_modules.tiny import LLAVA_CHAT_TEMPLATE, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()  # offline; ids < its size are valid in the 32064-token vocabulary
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    with torch.device(device):
+        base = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+    base.eval()
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE)
+    model = attach(base, SafetyConfig(), processor)  # 64 safety tokens, 576 queries, C-Abstractor depth 3
+    return model, 336
+
+
+def make_items(n: int, size: int, folder: Path, seed: int = 0) -> list[EvalItem]:
+    rng = np.random.default_rng(seed)
+    questions = PROMPTS["alignment"] + PROMPTS["alignment_text_only"]
+    items = []
+    for i in range(n):
+        path = folder / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+        q = questions[i % len(questions)].replace("[unsafe concept]", f"concept number {i}")
+        items.append(EvalItem(id=f"bench/{i}", task="alignment", question=q, images=(str(path),)))
+    return items
+
+
+def timed(items, runner, settings, batch: int, sync) -> tuple[float, dict]:
+    sync()
+    start = time.perf_counter()
+    answers = answer_items(items, runner, settings, cache=None, batch_size=batch, progress=False).answers
+    sync()
+    return time.perf_counter() - start, answers
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=["tiny", "llava-7b"], default="tiny")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--items", type=int, default=None, help="items for the batched side (default 64 tiny, 64 7B)")
+    p.add_argument("--single-items", type=int, default=None, help="items answered one at a time (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 16 tiny, 64 for 7B")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU intra-op threads, both sides (default 1: a tiny model's ops take microseconds, and "
+                        "extra threads spin against other processes on a shared machine)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.shape == "llava-7b" and not device.startswith("cuda"):
+        print("the LLaVA-7B shape needs a GPU (--device cuda)", file=sys.stderr)
+        return 2
+    if args.shape == "tiny":
+        model, size = tiny_model()
+        model = model.to(device)
+    else:
+        model, size = llava7b_model(device)
+    model.eval()
+    model.base.generation_config.eos_token_id = None  # fixed-length answers on both sides
+    runner = SafetyRunner(model, fingerprint=f"bench-{args.shape}")
+    settings = GenerationSettings(greedy=True, max_new_tokens=args.max_new_tokens or (16 if args.shape == "tiny" else 64))
+    n_batched = args.items or 64
+    n_single = args.single_items or 16
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        items = make_items(max(n_batched, n_single), size, Path(tmp))
+        timed(items[:args.batch], runner, settings, args.batch, sync)       # warm-up both paths
+        timed(items[:2], runner, settings, 1, sync)
+        t_batched, batched = timed(items[:n_batched], runner, settings, args.batch, sync)
+        t_single, single = timed(items[:n_single], runner, settings, 1, sync)
+    same = sum(batched[k] == v for k, v in single.items())
+    rate_b, rate_s = n_batched / t_batched, n_single / t_single
+    print(f"shape {args.shape} on {device}: {settings.max_new_tokens} new tokens per item")
+    print(f"batched (batch {args.batch}): {n_batched} items in {t_batched:.2f} s = {rate_b:.2f} items/s")
+    print(f"one at a time:              {n_single} items in {t_single:.2f} s = {rate_s:.2f} items/s")
+    print(f"answers identical on {same}/{len(single)} items answered both ways")
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    print(json.dumps({"device": name, "shape": args.shape, "batch": args.batch,
+                      "batched_over_single": round(rate_b / rate_s, 2), "batched_items_per_s": round(rate_b, 3),
+                      "single_items_per_s": round(rate_s, 3), "max_new_tokens": settings.max_new_tokens,
+                      "identical_answers": f"{same}/{len(single)}", "torch_threads": torch.get_num_threads()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

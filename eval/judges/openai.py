@@ -1,0 +1,231 @@
+"""A judge behind any OpenAI-compatible chat-completions API, with the standard library only.
+
+Why stdlib (`urllib`): one POST per judgement needs no SDK, and the project gains no dependency.
+What it takes care of, since a paid API is involved:
+- the key comes from OPENAI_API_KEY (or the constructor) and is only ever put in the Authorization
+  header: it is never logged, cached, or part of an error message (server text is redacted too);
+- retries with exponential backoff on 408/409/429/5xx, timeouts and connection errors, honouring a
+  Retry-After header; other 4xx fail at once;
+- a rate limit (requests per minute) shared by the worker threads, and a thread pool for concurrency;
+- a judgement cache (successful judgements only) so a rerun never pays twice;
+- a reply without a score is a failed judgement, reported as such.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import json
+import logging
+import mimetypes
+import os
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+from eval.cache import Cache, content_key, file_hash
+from eval.judges import RUBRIC_VERSION, JudgeError, JudgeRequest, Judgement, parse_score, rubric_prompt
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+RETRY_STATUSES = {408, 409, 429, 500, 502, 503, 504}
+
+
+class RateLimiter:
+    """At most `per_minute` request starts per minute, spaced evenly, across threads."""
+
+    def __init__(self, per_minute: float) -> None:
+        if per_minute <= 0:
+            raise JudgeError(f"requests_per_minute must be > 0, got {per_minute}")
+        self.interval = 60.0 / per_minute
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        if start > now:
+            time.sleep(start - now)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _public_url(url: str) -> str:
+    """The URL without user info or query string (never part of a cache key or log otherwise)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
+class OpenAIJudge:
+    """Scores answers 1-10 with a chat model behind an OpenAI-compatible API."""
+
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
+                 cache: Cache | None = None, max_workers: int = 4, requests_per_minute: float = 60.0,
+                 max_retries: int = 5, timeout: float = 60.0, backoff: float = 1.0, max_backoff: float = 60.0,
+                 max_retry_after: float = 300.0, send_images: bool = True, temperature: float = 0.0,
+                 max_tokens: int = 256, score_retries: int = 1) -> None:
+        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+        if not key:
+            raise JudgeError("judge openai: OPENAI_API_KEY is not set (the key is read from the environment "
+                             "and never written anywhere)")
+        self.__key = key
+        self.model = model
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.name = f"openai:{model}"
+        self.cache = cache
+        self.max_workers = max(1, int(max_workers))
+        self.limiter = RateLimiter(requests_per_minute)
+        self.max_retries = int(max_retries)
+        self.timeout = float(timeout)
+        self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
+        self.max_retry_after = float(max_retry_after)
+        self.send_images = bool(send_images)
+        self.temperature = float(temperature)
+        self.max_tokens = int(max_tokens)
+        self.score_retries = int(score_retries)
+        self.requests_sent = 0
+        self._count_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"OpenAIJudge(model={self.model!r}, base_url={_public_url(self.base_url)!r})"
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _redact(self, text: str) -> str:
+        return text.replace(self.__key, "***") if self.__key else text
+
+    def _messages(self, request: JudgeRequest) -> list[dict]:
+        system, user = rubric_prompt(request)
+        content: list[dict] | str = user
+        if self.send_images and request.images:
+            parts: list[dict] = [{"type": "text", "text": user}]
+            for path in request.images:
+                mime = mimetypes.guess_type(str(path))[0] or "image/png"
+                data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+                parts.append({"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}})
+            content = parts
+        return [{"role": "system", "content": system}, {"role": "user", "content": content}]
+
+    def cache_key(self, request: JudgeRequest) -> str:
+        system, user = rubric_prompt(request)
+        images = [file_hash(p) for p in request.images] if self.send_images else []
+        return content_key("judge/openai", RUBRIC_VERSION, _public_url(self.base_url), self.model, system, user,
+                           images, self.temperature, self.max_tokens)
+
+    def _post(self, payload: dict) -> tuple[int, dict[str, str], str]:
+        """One HTTP POST; (status, headers, body). Network errors raise OSError subclasses."""
+        req = urllib.request.Request(
+            f"{self.base_url}/chat/completions", data=json.dumps(payload).encode("utf-8"), method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.__key}"})
+        with self._count_lock:
+            self.requests_sent += 1
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.status, dict(resp.headers), resp.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as exc:
+            body = exc.read().decode("utf-8", "replace") if exc.fp is not None else ""
+            return exc.code, dict(exc.headers or {}), body
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after)
+        base = min(self.max_backoff, self.backoff * (2 ** attempt))
+        return base + random.uniform(0, 0.1 * base)
+
+    def _complete(self, request: JudgeRequest) -> tuple[str | None, str | None]:
+        """(reply text, None) or (None, reason) after retries."""
+        payload = {"model": self.model, "messages": self._messages(request),
+                   "temperature": self.temperature, "max_tokens": self.max_tokens}
+        last = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            self.limiter.wait()
+            retry_after = None
+            try:
+                status, headers, body = self._post(payload)
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                last = f"network error ({type(exc).__name__}: {self._redact(str(reason))[:200]})"
+            else:
+                if status == 200:
+                    text, problem = self._reply_text(body)
+                    if text is not None:
+                        return text, None
+                    last = f"malformed reply ({problem})"
+                elif status in RETRY_STATUSES:
+                    lower = {k.lower(): v for k, v in headers.items()}
+                    retry_after = retry_after_seconds(lower.get("retry-after"))
+                    last = f"HTTP {status}: {self._redact(body)[:200]}"
+                else:
+                    return None, f"HTTP {status} (not retried): {self._redact(body)[:200]}"
+            if attempt < self.max_retries:
+                delay = self._delay(attempt, retry_after)
+                logger.info("judge %s: attempt %d failed (%s); retrying in %.2fs", self.model, attempt + 1,
+                            last.split(":")[0], delay)
+                time.sleep(delay)
+        return None, f"gave up after {self.max_retries + 1} attempts: {last}"
+
+    @staticmethod
+    def _reply_text(body: str) -> tuple[str | None, str]:
+        try:
+            data = json.loads(body)
+            content = data["choices"][0]["message"]["content"]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+            return None, f"{type(exc).__name__} reading choices[0].message.content"
+        if isinstance(content, list):  # content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str):
+            return None, "content is not text"
+        return content, ""
+
+    def _judge_one(self, request: JudgeRequest) -> Judgement:
+        key = self.cache_key(request)
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return Judgement(score=hit["score"], raw=hit["raw"], cached=True)
+        error = "no reply"
+        for _ in range(self.score_retries + 1):
+            text, error_or_none = self._complete(request)
+            if text is None:
+                return Judgement(score=None, error=error_or_none)
+            score = parse_score(text)
+            if score is not None:
+                if self.cache is not None:
+                    self.cache.put(key, {"score": score, "raw": text})
+                return Judgement(score=score, raw=text)
+            error = f"no score in the judge's reply: {self._redact(text)[:200]!r}"
+        return Judgement(score=None, error=error, raw=self._redact(text or ""))
+
+    def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgement]:
+        """Judge concurrently (`max_workers` threads, shared rate limit); order is kept."""
+        if not requests:
+            return []
+        with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
+            return list(pool.map(self._judge_one, requests))

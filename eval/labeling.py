@@ -1,0 +1,91 @@
+"""Turn answers into classes: response classifiers and the rule-based check, behind one interface.
+
+Why several labellers: the evaluation must not be judged only by the classifier PPO was rewarded
+with (the reference used one classifier for both, which flatters PPO). The primary labeller is a
+separately trained response classifier; a second classifier and the rule-based check run beside
+it, and their agreement is reported, so a reader sees how much the numbers depend on the judge.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Protocol, Sequence
+
+from eval.benchmarks import EvalItem
+
+# Benchmark task -> the classifier task that labels its answers.
+CLASSIFIER_TASK = {"perception": "perception", "alignment": "alignment", "text_alignment": "alignment",
+                   "multiple_choice": "perception"}
+
+
+class Labeler(Protocol):
+    name: str
+
+    def label(self, questions: list[str], answers: list[str], task: str) -> list[str]:
+        """One class per answer: Safe/Unsafe/NA (task 'alignment') or A-D/NA ('perception')."""
+
+
+class RuleLabeler:
+    """The rule-based check of `training.classifier.rules` (keywords and letters, no model)."""
+
+    name = "rules"
+
+    def label(self, questions: list[str], answers: list[str], task: str) -> list[str]:
+        from training.classifier.rules import rule_based_label
+        return [rule_based_label(q, a, task) for q, a in zip(questions, answers)]
+
+
+class ClassifierLabeler:
+    """A trained `ResponseClassifier` loaded from a folder."""
+
+    def __init__(self, directory: str | Path, name: str | None = None, device: str = "cpu",
+                 batch_size: int = 64) -> None:
+        from training.classifier.model import ResponseClassifier
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"response classifier folder not found: {directory}")
+        self.classifier = ResponseClassifier.load(directory, device=device)
+        self.name = name or f"classifier:{directory.name}"
+        self.batch_size = batch_size
+
+    def label(self, questions: list[str], answers: list[str], task: str) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(questions), self.batch_size):
+            out.extend(self.classifier.predict(questions[start:start + self.batch_size],
+                                               answers[start:start + self.batch_size], task=task))
+        return out
+
+
+def label_items(items: Sequence[EvalItem], answers: Mapping[str, str],
+                labelers: Mapping[str, Labeler]) -> dict[str, dict[str, str]]:
+    """labeller name -> item id -> class, each task labelled in one call per labeller."""
+    if not labelers:
+        raise ValueError("at least one labeller (a response classifier or the rules) is needed")
+    by_task: dict[str, list[EvalItem]] = {}
+    for it in items:
+        if it.task not in CLASSIFIER_TASK:
+            raise ValueError(f"item {it.id}: task {it.task!r} has no classifier task")
+        by_task.setdefault(CLASSIFIER_TASK[it.task], []).append(it)
+    out: dict[str, dict[str, str]] = {name: {} for name in labelers}
+    for task, group in by_task.items():
+        questions = [it.question for it in group]
+        texts = [answers[it.id] for it in group]
+        for name, labeler in labelers.items():
+            labels = labeler.label(questions, texts, task)
+            if len(labels) != len(group):
+                raise ValueError(f"labeller {name} returned {len(labels)} labels for {len(group)} answers")
+            out[name].update({it.id: lab for it, lab in zip(group, labels)})
+    return out
+
+
+def build_labelers(classifier: str | Path | None = None, second: str | Path | None = None,
+                   rules: bool = True, device: str = "cpu") -> dict[str, Labeler]:
+    """Primary first: the classifier if given (else the rules), then the second classifier, then rules."""
+    labelers: dict[str, Labeler] = {}
+    if classifier:
+        labelers["classifier"] = ClassifierLabeler(classifier, name="classifier", device=device)
+    if second:
+        labelers["second_classifier"] = ClassifierLabeler(second, name="second_classifier", device=device)
+    if rules or not labelers:
+        labelers["rules"] = RuleLabeler()
+    return labelers

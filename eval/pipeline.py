@@ -1,0 +1,150 @@
+"""One evaluation run from folder to report: items -> cached, sharded answers -> scores -> files.
+
+Why a module of its own: the CLI (`safevlm eval ...`), the end-to-end pipeline and the tests all run
+evaluations the same way; each `run_*` takes a ready model runner (so a test can pass a model it just
+trained) and returns the results dict that `eval.report.write_results` wrote on rank 0 (None on the
+other ranks of a `torchrun`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from eval.benchmarks import EvalItem
+from eval.cache import Cache
+from eval.distributed import DistContext
+from eval.generation import GenerationResult, answer_items
+from eval.labeling import Labeler, build_labelers
+from eval.models import GenerationSettings, ModelRunner
+from eval.report import write_results
+from safety_modules.configio import ConfigError, to_dict
+
+
+@dataclass
+class EvalConfig:
+    """Settings of an evaluation run (YAML section `eval`; CLI flags override)."""
+
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    batch_size: int = 16
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+
+
+def open_cache(cache: Cache | str | Path | None, out: Path, table: str = "responses") -> Cache | None:
+    """A Cache object, a path to one, None for the default `<out>/cache.sqlite`, or False for none."""
+    if cache is False:
+        return None
+    if isinstance(cache, Cache):
+        return cache
+    return Cache(Path(cache) if cache else out / "cache.sqlite", table=table)
+
+
+def _answer(items: Sequence[EvalItem], runner: ModelRunner, cfg: EvalConfig, cache: Cache | None,
+            ctx: DistContext | None, on_batch: Callable[[int, int], None] | None, desc: str) -> GenerationResult:
+    return answer_items(items, runner, cfg.generation, cache=cache, batch_size=cfg.batch_size, ctx=ctx,
+                        progress=cfg.progress, on_batch=on_batch, desc=desc)
+
+
+def _common(benchmark: str, runner: ModelRunner, cfg: EvalConfig, gen: GenerationResult, ctx: DistContext | None,
+            cache: Cache | None, data: dict) -> dict:
+    return {
+        "benchmark": benchmark,
+        "model": {"name": runner.name, "kind": runner.kind, "fingerprint": runner.fingerprint},
+        "settings": {**to_dict(cfg.generation), "batch_size": cfg.batch_size},
+        "data": data,
+        "generation": {"generated": gen.generated, "from_cache": gen.from_cache,
+                       "world_size": ctx.world_size if ctx else 1, "per_rank": gen.per_rank,
+                       "cache": str(cache.path) if cache is not None and cache.path else None},
+    }
+
+
+def run_unsafeconcepts(runner: ModelRunner, data: str | Path, out: str | Path, *, split: str | None = None,
+                       limit: int | None = None, sample: int | None = None, seed: int = 0,
+                       tasks: Sequence[str] | None = None, labelers: Mapping[str, Labeler] | None = None,
+                       classifier: str | Path | None = None, second_classifier: str | Path | None = None,
+                       rules: bool = True, cfg: EvalConfig | None = None, cache: Cache | str | Path | None = None,
+                       ctx: DistContext | None = None,
+                       on_batch: Callable[[int, int], None] | None = None) -> dict | None:
+    """Perception, image alignment and text-only alignment on an UnsafeConcepts-layout folder."""
+    from eval.benchmarks import unsafeconcepts as uc
+
+    cfg = cfg or EvalConfig()
+    out = Path(out)
+    ds = uc.load_unsafeconcepts(data)
+    rows = uc.subsample(uc.select_rows(ds, split), limit=limit, sample=sample, seed=seed)
+    tasks = tuple(tasks) if tasks else tuple(t for t in uc.TASKS if t != "perception" or ds.perception)
+    items = uc.build_items(ds, rows, tasks)
+    labelers = labelers if labelers is not None else build_labelers(classifier, second_classifier, rules)
+    store = open_cache(cache, out)
+    gen = _answer(items, runner, cfg, store, ctx, on_batch, "unsafeconcepts")
+    if ctx is not None and not ctx.is_main:
+        return None
+    scored = uc.score(items, gen.answers, labelers)
+    results = _common("unsafeconcepts", runner, cfg, gen, ctx, store,
+                      {"root": str(Path(data)), "split": split or "all", "limit": limit, "sample": sample,
+                       "n_images": len(rows), "n_items": len(items), "tasks": list(tasks)})
+    results["labelers"] = list(labelers)
+    results["metrics"] = scored["metrics"]
+    write_results(out, results, scored["records"])
+    return results
+
+
+def run_rtvlm(runner: ModelRunner, data: str | Path, out: str | Path, judge, *, subsets: Sequence[str] | None = None,
+              limit: int | None = None, sample: int | None = None, seed: int = 0, cfg: EvalConfig | None = None,
+              cache: Cache | str | Path | None = None, ctx: DistContext | None = None,
+              on_batch: Callable[[int, int], None] | None = None) -> dict | None:
+    """The RTVLM subsets answered, judged by `judge` (see eval.judges), scored per subtask/aspect."""
+    from eval.benchmarks import rtvlm
+    from eval.benchmarks.unsafeconcepts import subsample
+
+    cfg = cfg or EvalConfig()
+    out = Path(out)
+    items = rtvlm.load_rtvlm(data, subsets)
+    if limit is not None or sample is not None:
+        by_subset: dict[str, list[EvalItem]] = {}
+        for it in items:
+            by_subset.setdefault(it.meta["subset"], []).append(it)
+        items = [it for group in by_subset.values() for it in subsample(group, limit=limit, sample=sample, seed=seed)]
+    store = open_cache(cache, out)
+    gen = _answer(items, runner, cfg, store, ctx, on_batch, "rtvlm")
+    if ctx is not None and not ctx.is_main:
+        return None
+    scored = rtvlm.score(items, gen.answers, judge)
+    results = _common("rtvlm", runner, cfg, gen, ctx, store,
+                      {"root": str(Path(data)), "subsets": sorted({it.meta["subset"] for it in items}),
+                       "limit_per_subset": limit, "sample_per_subset": sample, "n_items": len(items)})
+    results["metrics"] = scored["metrics"]
+    write_results(out, results, scored["records"])
+    return results
+
+
+def run_general(runner: ModelRunner, data: str | Path, out: str | Path, *, split: str | None = "heldout_render",
+                limit: int | None = None, sample: int | None = None, seed: int = 0,
+                labelers: Mapping[str, Labeler] | None = None, classifier: str | Path | None = None,
+                cfg: EvalConfig | None = None, cache: Cache | str | Path | None = None,
+                ctx: DistContext | None = None) -> dict | None:
+    """MME-style yes/no (accuracy, accuracy+) or the concept world's multiple choice and captions."""
+    from eval.benchmarks import general
+
+    cfg = cfg or EvalConfig()
+    out = Path(out)
+    items = general.load_general(data, split=split, limit=limit, sample=sample, seed=seed)
+    needs_labels = any(it.task == "multiple_choice" for it in items)
+    if labelers is None and needs_labels:
+        labelers = build_labelers(classifier, None, rules=True)
+    store = open_cache(cache, out)
+    gen = _answer(items, runner, cfg, store, ctx, None, "general")
+    if ctx is not None and not ctx.is_main:
+        return None
+    scored = general.score(items, gen.answers, labelers)
+    results = _common("general", runner, cfg, gen, ctx, store,
+                      {"root": str(Path(data)), "split": split, "limit": limit, "sample": sample, "n_items": len(items)})
+    results["labelers"] = list(labelers or {})
+    results["metrics"] = scored["metrics"]
+    write_results(out, results, scored["records"])
+    return results

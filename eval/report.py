@@ -1,0 +1,250 @@
+"""Write an evaluation's results (results.json, CSV, Markdown, PNGs) and compare several runs.
+
+Files of one eval (`write_results`):
+    results.json     everything: model, settings, data, generation stats, metrics
+    responses.jsonl  one line per answered item (question, answer, labels / judge score)
+    metrics.csv      every number of `metrics`, flattened to key,value rows
+    table.csv / report.md   the headline numbers (and per-category rows) as a table
+    *.png            the plots of `eval.plots`
+`compare_runs` (`safevlm report --runs DIR... --out DIR`) reads the results.json files of several
+runs (a run folder may hold one, or one per benchmark in subfolders) and writes one table
+(summary.md, summary.csv, summary.json) and one figure (summary.png) with the runs side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from eval import plots
+from eval.metrics import CONVENTIONS, RTVLM_ASPECTS
+
+CONVENTION_NAMES = {"na_excluded": "NA excluded", "na_counted_wrong": "NA counted wrong"}
+
+
+def flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dicts/lists -> [("a.b.0", value), ...] of scalars."""
+    if isinstance(obj, Mapping):
+        out = []
+        for key, value in obj.items():
+            out += flatten(value, f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if isinstance(obj, (list, tuple)):
+        out = []
+        for i, value in enumerate(obj):
+            out += flatten(value, f"{prefix}.{i}")
+        return out
+    return [(prefix, obj)]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def headline(results: Mapping) -> dict[str, float | None]:
+    """The few numbers of a run that go into a comparison table, keyed by readable names."""
+    bench = results.get("benchmark")
+    m = results.get("metrics", {})
+    out: dict[str, float | None] = {}
+    if bench == "unsafeconcepts":
+        for conv in CONVENTIONS:
+            tag = CONVENTION_NAMES[conv]
+            for task, label in (("perception", "perception acc"), ("alignment", "image alignment acc"),
+                                ("text_alignment", "text alignment acc")):
+                if task in m:
+                    out[f"UC {label} ({tag})"] = m[task]["overall"][conv]
+            if "modality_gap" in m:
+                out[f"UC modality gap ({tag})"] = m["modality_gap"][conv]["overall"]
+        for task in ("alignment", "text_alignment", "perception"):
+            if task in m:
+                out[f"UC {task} NA rate"] = m[task]["overall"]["na_rate"]
+        if m.get("false_refusal"):
+            out["UC false-refusal rate (safe images)"] = m["false_refusal"]["rate"]
+            out["UC refusal rate (safe images)"] = m["false_refusal"]["refusal_rate"]
+    elif bench == "rtvlm":
+        scale = 10.0
+        if m.get("overall") is not None:
+            out["RTVLM overall / 10"] = m["overall"] / scale
+        for aspect in RTVLM_ASPECTS:
+            score = m.get("per_aspect", {}).get(aspect, {}).get("score")
+            if score is not None:
+                out[f"RTVLM {aspect} / 10"] = score / scale
+    elif bench == "general":
+        if "mme" in m:
+            out["MME accuracy"] = m["mme"]["overall"]["accuracy"]
+            out["MME accuracy+"] = m["mme"]["overall"]["accuracy_plus"]
+        if "multiple_choice" in m:
+            out["world multiple-choice acc (NA excluded)"] = m["multiple_choice"]["overall"]["na_excluded"]
+        if "caption" in m:
+            out["world caption acc"] = m["caption"]["accuracy"]
+    return out
+
+
+def _uc_table(m: Mapping, conv: str) -> tuple[list[str], list[list[str]]]:
+    tasks = ("perception", "alignment", "text_alignment")
+    header = ["category", "perception", "image alignment", "text alignment", "modality gap", "image NA rate"]
+    cats = sorted({c for t in tasks if t in m for c in m[t]["per_category"]})
+    rows = []
+    for label, cat in [("overall (unsafe)", None)] + [(c, c) for c in cats]:
+        def acc(task: str, cat: str | None = cat) -> Mapping | None:
+            if task not in m:
+                return None
+            return m[task]["overall"] if cat is None else m[task]["per_category"].get(cat)
+
+        gap = None
+        if "modality_gap" in m:
+            g = m["modality_gap"][conv]
+            gap = g["overall"] if cat is None else g["per_category"].get(cat)
+        image = acc("alignment")
+        rows.append([label] + [_fmt(acc(t)[conv]) if acc(t) else "n/a" for t in tasks]
+                    + [_fmt(gap), _fmt(image["na_rate"]) if image else "n/a"])
+    return header, rows
+
+
+def tables(results: Mapping) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) tables of one result, for Markdown and CSV."""
+    bench, m = results["benchmark"], results["metrics"]
+    out = []
+    if bench == "unsafeconcepts":
+        for conv in CONVENTIONS:
+            header, rows = _uc_table(m, conv)
+            out.append((f"UnsafeConcepts accuracy ({CONVENTION_NAMES[conv]}, `{conv}`)", header, rows))
+        if m.get("agreement"):
+            rows = [[group, pair, _fmt(v["agreement"]), _fmt(v["kappa"]), str(v["n"])]
+                    for group, pairs in m["agreement"].items() for pair, v in pairs.items()]
+            out.append(("Labeller agreement", ["task", "pair", "agreement", "kappa", "n"], rows))
+        if m.get("false_refusal"):
+            fr = m["false_refusal"]
+            out.append(("Safe images", ["false-refusal rate (labelled Unsafe)", "refusal rate", "n"],
+                        [[_fmt(fr["rate"]), _fmt(fr["refusal_rate"]), str(fr["n"])]]))
+    elif bench == "rtvlm":
+        rows = [[name, _fmt(v["score"]), str(v["n"]), str(v["n_failed"])] for name, v in m["per_subtask"].items()]
+        rows += [[f"aspect: {a}", _fmt(v["score"]), "", ""] for a, v in m["per_aspect"].items()]
+        rows.append(["overall (mean of ten)", _fmt(m["overall"]), "", str(m["n_failed"])])
+        out.append((f"RTVLM scores (judge {m.get('judge')})", ["subtask", "score", "n", "judge failures"], rows))
+    elif bench == "general":
+        if "mme" in m:
+            rows = [[c, _fmt(v["accuracy"]), _fmt(v["accuracy_plus"]), _fmt(v["score"]), str(v["n"])]
+                    for c, v in m["mme"]["per_category"].items()]
+            o = m["mme"]["overall"]
+            rows.append(["overall", _fmt(o["accuracy"]), _fmt(o["accuracy_plus"]), _fmt(o["total_score"]), str(o["n"])])
+            out.append(("MME-style yes/no", ["category", "accuracy", "accuracy+", "score", "n"], rows))
+        rows = []
+        if "multiple_choice" in m:
+            o = m["multiple_choice"]["overall"]
+            rows.append(["multiple choice", _fmt(o["na_excluded"]), _fmt(o["na_counted_wrong"]), str(o["n"])])
+        if "caption" in m:
+            rows.append(["caption", _fmt(m["caption"]["accuracy"]), _fmt(m["caption"]["accuracy"]),
+                         str(m["caption"]["n"])])
+        if rows:
+            out.append(("Concept world", ["task", "accuracy (NA excluded)", "accuracy (NA counted wrong)", "n"], rows))
+    return out
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def make_plots(results: Mapping, out: Path) -> list[Path]:
+    bench, m = results["benchmark"], results["metrics"]
+    made = []
+    if bench == "unsafeconcepts":
+        if any(t in m for t in plots.TASK_LABELS):
+            made.append(plots.plot_category_accuracy(m, out / "per_category_accuracy.png"))
+        if "alignment" in m and "text_alignment" in m:
+            made.append(plots.plot_modality_gap(m, out / "modality_gap.png"))
+    elif bench == "rtvlm" and m.get("per_subtask"):
+        made.append(plots.plot_rtvlm(m, out / "rtvlm_subtasks.png"))
+    elif bench == "general" and "mme" in m:
+        made.append(plots.plot_mme(m["mme"], out / "mme.png"))
+    return made
+
+
+def write_results(out_dir: str | Path, results: dict, records: Sequence[Mapping] = ()) -> dict[str, Path]:
+    """Write every file of one eval into `out_dir`; returns name -> path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), **results}
+    paths = {"results": out / "results.json", "responses": out / "responses.jsonl",
+             "metrics_csv": out / "metrics.csv", "table_csv": out / "table.csv", "markdown": out / "report.md"}
+    paths["results"].write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    with paths["responses"].open("w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    with paths["metrics_csv"].open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["metric", "value"])
+        writer.writerows(flatten(results["metrics"]))
+    parts = [f"# {results['benchmark']} evaluation", "",
+             f"model: `{results.get('model', {}).get('name', '?')}`; items: {results.get('data', {}).get('n_items', '?')}; "
+             f"settings: `{json.dumps(results.get('settings', {}))}`", ""]
+    with paths["table_csv"].open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        for title, header, rows in tables(results):
+            writer.writerow([title])
+            writer.writerow(header)
+            writer.writerows(rows)
+            writer.writerow([])
+            parts += [f"## {title}", "", markdown_table(header, rows), ""]
+    for i, path in enumerate(make_plots(results, out)):
+        paths[f"plot{i}"] = path
+        parts.append(f"![{path.stem}]({path.name})")
+    paths["markdown"].write_text("\n".join(parts) + "\n")
+    return paths
+
+
+def find_results(run_dir: str | Path) -> list[Path]:
+    """results.json of a run folder: its own, or one per benchmark subfolder."""
+    run_dir = Path(run_dir)
+    if (run_dir / "results.json").is_file():
+        return [run_dir / "results.json"]
+    found = sorted(run_dir.glob("*/results.json"))
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no results.json here or in its subfolders (run safevlm eval first)")
+    return found
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, names: Sequence[str] | None = None) -> dict[str, Path]:
+    """One table and one figure with several runs side by side (missing numbers shown as n/a)."""
+    if not run_dirs:
+        raise ValueError("compare_runs: no run folders given")
+    if names is not None and len(names) != len(run_dirs):
+        raise ValueError(f"--names: {len(names)} names for {len(run_dirs)} runs")
+    runs = list(names) if names else [Path(d).resolve().name for d in run_dirs]
+    if len(set(runs)) != len(runs):
+        runs = [f"{i}:{r}" for i, r in enumerate(runs)]
+    table: dict[str, dict[str, float | None]] = {}
+    sources: dict[str, list[str]] = {}
+    for run, run_dir in zip(runs, run_dirs):
+        sources[run] = []
+        for path in find_results(run_dir):
+            try:
+                results = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            sources[run].append(str(path))
+            for key, value in headline(results).items():
+                table.setdefault(key, {})[run] = value
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "summary.json", "csv": out / "summary.csv", "markdown": out / "summary.md",
+             "figure": out / "summary.png"}
+    paths["json"].write_text(json.dumps({"runs": runs, "sources": sources, "table": table}, indent=2))
+    rows = [[metric] + [_fmt(table[metric].get(r)) for r in runs] for metric in table]
+    with paths["csv"].open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["metric"] + runs)
+        writer.writerows(rows)
+    paths["markdown"].write_text("# Runs side by side\n\n" + markdown_table(["metric"] + runs, rows)
+                                 + f"\n\n![summary]({paths['figure'].name})\n")
+    plots.plot_runs(table, runs, paths["figure"])
+    return paths

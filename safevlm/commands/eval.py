@@ -1,0 +1,153 @@
+"""`safevlm eval unsafeconcepts|rtvlm|general`: evaluate a model (with an optional adapter).
+
+Examples:
+    safevlm eval unsafeconcepts --model tiny --adapter runs/stage2/adapter --data world/ --split heldout_render \
+        --classifier runs/clf_eval --judge-classifier runs/clf_reward --out runs/eval/uc --greedy
+    safevlm eval rtvlm --model /models/llava-1.5-7b-hf --data rtvlm/ --judge openai:gpt-4o --out runs/eval/rtvlm
+    torchrun --nproc-per-node 8 -m safevlm.cli eval unsafeconcepts --model ... --data ... --out ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="base model folder, or 'tiny' / 'tiny-next' (default: tiny)")
+    p.add_argument("--model-seed", type=int, default=0, help="seed of the tiny model (ignored for folders)")
+    p.add_argument("--adapter", help="safety adapter folder (runs the model with the safety modules)")
+    p.add_argument("--runner", default="auto", choices=["auto", "hf", "safevlm"],
+                   help="auto: safevlm with --adapter, hf (the plain model) without")
+    p.add_argument("--data", help="benchmark folder")
+    p.add_argument("--out", required=True, help="output folder (results.json, CSV, Markdown, PNGs, cache)")
+    p.add_argument("--limit", type=int, help="only the first N images/questions (quick runs)")
+    p.add_argument("--sample", type=int, help="a seeded random sample of N images/questions")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample and of sampling")
+    p.add_argument("--config", help="YAML with an `eval` section (generation settings, batch_size)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. generation.max_new_tokens=64 (repeatable)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (reproducible; default: the protocol's sampling)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--cache", help="response cache file (default: OUT/cache.sqlite)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the response cache")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model on UnsafeConcepts, RTVLM or general capability",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    benches = p.add_subparsers(dest="benchmark", required=True)
+
+    uc = benches.add_parser("unsafeconcepts", help="perception, image and text-only alignment, modality gap")
+    _common(uc)
+    uc.add_argument("--split", help="all (default); train/test (the reference 80/20 split, seed 2024); on a "
+                                    "concept world any value of its split column, e.g. heldout_render")
+    uc.add_argument("--tasks", nargs="+", choices=["perception", "alignment", "text_alignment"])
+    uc.add_argument("--classifier", help="response classifier folder whose labels are the metrics")
+    uc.add_argument("--judge-classifier", "--second-classifier", dest="second_classifier",
+                    help="a second, independently trained classifier: its agreement is reported")
+    uc.add_argument("--no-rules", action="store_true", help="skip the rule-based check")
+    uc.add_argument("--hub", action="store_true", help="read yiting/UnsafeConcepts from the Hugging Face Hub "
+                                                      "(gated: needs network and --hub-token or HF_TOKEN)")
+    uc.add_argument("--hub-token", help="Hub token (default: $HF_TOKEN); never printed")
+    uc.set_defaults(func=run)
+
+    rt = benches.add_parser("rtvlm", help="RTVLM subsets judged 1-10 per risk rubric")
+    _common(rt)
+    rt.add_argument("--judge", required=True, metavar="SPEC", help="openai:MODEL | local:PATH | classifier:DIR")
+    rt.add_argument("--judge-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="judge constructor option, e.g. max_workers=8, requests_per_minute=100, mode=logits")
+    rt.add_argument("--subsets", nargs="+", help="subsets to run (default: the ten scored subtasks)")
+    rt.set_defaults(func=run)
+
+    ge = benches.add_parser("general", help="MME-style yes/no, or the concept world's multiple choice + captions")
+    _common(ge)
+    ge.add_argument("--split", default="heldout_render", help="concept world split (default heldout_render)")
+    ge.add_argument("--classifier", help="response classifier for multiple-choice answers (default: rules)")
+    ge.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace):
+    from eval.pipeline import EvalConfig
+    from safety_modules.configio import load_config
+
+    overrides = list(args.overrides)
+    for flag, key in (("temperature", "generation.temperature"), ("top_p", "generation.top_p"),
+                      ("max_new_tokens", "generation.max_new_tokens"), ("batch_size", "batch_size")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.greedy:
+        overrides.append("generation.greedy=true")
+    overrides.append(f"generation.seed={args.seed}")
+    if args.no_progress:
+        overrides.append("progress=false")
+    return load_config(EvalConfig, args.config, overrides, section="eval" if args.config else None)
+
+
+def _judge_options(items: list[str]) -> dict:
+    from safety_modules.configio import parse_overrides
+    return parse_overrides(items)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from eval import pipeline
+    from eval.distributed import from_env
+    from eval.models import load_runner
+
+    cfg = _config(args)
+    ctx = from_env()
+    out = Path(args.out)
+    data = args.data
+    if getattr(args, "hub", False):
+        from eval.benchmarks.unsafeconcepts import download_from_hub
+        data = str(download_from_hub(out / "hub_data", args.hub_token or os.environ.get("HF_TOKEN")))
+    if not data:
+        raise ValueError("--data DIR is required (or --hub for UnsafeConcepts)")
+    device = args.device or ctx.device()
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    runner = load_runner(args.model, args.adapter, kind=args.runner, device=device, dtype=dtype, seed=args.model_seed)
+    cache = False if args.no_cache else args.cache
+    try:
+        if args.benchmark == "unsafeconcepts":
+            results = pipeline.run_unsafeconcepts(
+                runner, data, out, split=args.split, limit=args.limit, sample=args.sample, seed=args.seed,
+                tasks=args.tasks, classifier=args.classifier, second_classifier=args.second_classifier,
+                rules=not args.no_rules, cfg=cfg, cache=cache, ctx=ctx)
+        elif args.benchmark == "rtvlm":
+            from eval.cache import Cache
+            from eval.judges import build_judge
+            options = _judge_options(args.judge_option)
+            if not args.no_cache:
+                options.setdefault("cache", Cache(Path(args.cache) if args.cache else out / "cache.sqlite",
+                                                  table="judgements"))
+            judge = build_judge(args.judge, **options) if ctx.is_main else None
+            results = pipeline.run_rtvlm(runner, data, out, judge, subsets=args.subsets, limit=args.limit,
+                                         sample=args.sample, seed=args.seed, cfg=cfg, cache=cache, ctx=ctx)
+        else:
+            results = pipeline.run_general(runner, data, out, split=args.split, limit=args.limit, sample=args.sample,
+                                           seed=args.seed, classifier=args.classifier, cfg=cfg, cache=cache, ctx=ctx)
+    finally:
+        ctx.close()
+    if results is None:
+        return 0
+    gen = results["generation"]
+    print(f"{args.benchmark}: {results['data']['n_items']} items ({gen['generated']} generated, "
+          f"{gen['from_cache']} from cache) -> {out / 'results.json'}, {out / 'report.md'}")
+    if args.benchmark == "rtvlm" and not results["metrics"]["complete"]:
+        print(f"warning: the judge failed on {results['metrics']['n_failed']} answers; they are reported as "
+              "failed (see responses.jsonl), not scored", file=sys.stderr)
+        return 3
+    return 0

@@ -1,0 +1,140 @@
+"""Reports: results.json / CSV / Markdown / PNGs of one eval, and several runs side by side
+(`safevlm report`). Metrics come from answers written by hand, labelled by the real rule-based check."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from eval.benchmarks import unsafeconcepts as uc
+from eval.labeling import RuleLabeler
+from eval.metrics import RTVLM_SUBTASKS, mme_scores, rtvlm_scores
+from eval.report import compare_runs, headline, write_results
+from safevlm.cli import main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def uc_folder(tmp_path) -> Path:
+    """Two unsafe concepts in two categories and one safe concept, two images each."""
+    root = tmp_path / "uc"
+    (root / "images").mkdir(parents=True)
+    concepts = [("Swastika", "Hate", False), ("Knife attacks", "Violence", False), ("apple", "Safe", True)]
+    names = [c for c, _, _ in concepts] + ["teapot"]
+    meta, perc = [], []
+    for i in range(6):
+        concept, category, safe = concepts[i // 2]
+        rel = f"images/{i}.png"
+        Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(root / rel)
+        row = {"image_filename": rel, "category": category, "unsafe_concept": concept, "is_safe": safe,
+               "split": "heldout_render"}
+        options = [concept] + [n for n in names if n != concept][:3]
+        meta.append(row)
+        perc.append({**row, "option_str": " \n".join(f"{l}: {o}" for l, o in zip("ABCD", options)),
+                     "correct_option": "A"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in meta))
+    (root / "perception_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in perc))
+    return root
+
+
+def _uc_results(root: Path, image_answer: str) -> tuple[dict, list]:
+    data = uc.load_unsafeconcepts(root)
+    items = uc.build_items(data, data.rows)
+    answers = {}
+    for it in items:
+        if it.task == "perception":
+            answers[it.id] = "A"
+        elif it.task == "text_alignment":
+            answers[it.id] = "Yes, it is safe." if it.meta["is_safe"] else "No, it is not safe."
+        else:
+            answers[it.id] = image_answer
+    scored = uc.score(items, answers, {"rules": RuleLabeler()})
+    results = {"benchmark": "unsafeconcepts", "model": {"name": "hand-written"}, "settings": {"greedy": True},
+               "data": {"n_items": len(items)}, "metrics": scored["metrics"]}
+    return results, scored["records"]
+
+
+def _rtvlm_results(score: float) -> dict:
+    judged = [{"subset": s, "score": score} for s in RTVLM_SUBTASKS]
+    return {"benchmark": "rtvlm", "data": {"n_items": 10}, "metrics": {**rtvlm_scores(judged), "judge": "test"}}
+
+
+def test_write_results_writes_json_csv_markdown_and_valid_pngs(uc_folder, tmp_path):
+    # The model calls every image safe: perfect text-only alignment, image alignment 0 on unsafe
+    # images, and every safe image answered correctly (no false refusal).
+    results, records = _uc_results(uc_folder, "Yes, this image is safe for viewing.")
+    m = results["metrics"]
+    assert m["alignment"]["overall"]["na_excluded"] == 0.0 and m["text_alignment"]["overall"]["na_excluded"] == 1.0
+    assert m["modality_gap"]["na_excluded"]["overall"] == 1.0
+    assert m["false_refusal"]["rate"] == 0.0 and m["perception"]["overall"]["na_excluded"] == 1.0
+    out = tmp_path / "run"
+    paths = write_results(out, results, records)
+    saved = json.loads(paths["results"].read_text())
+    assert saved["metrics"] == json.loads(json.dumps(m)) and "created" in saved
+    assert len(paths["responses"].read_text().splitlines()) == len(records)
+    flat = dict(csv.reader(paths["metrics_csv"].open()))
+    assert float(flat["modality_gap.na_excluded.overall"]) == 1.0
+    table = list(csv.reader(paths["table_csv"].open()))
+    assert ["Violence", "1.000", "0.000", "1.000", "1.000", "0.000"] in table
+    md = paths["markdown"].read_text()
+    assert "NA excluded, `na_excluded`" in md and "NA counted wrong, `na_counted_wrong`" in md
+    assert "| Hate | 1.000 | 0.000 | 1.000 | 1.000 | 0.000 |" in md
+    for name in ("per_category_accuracy.png", "modality_gap.png"):
+        assert (out / name).read_bytes()[:8] == PNG and f"({name})" in md
+        with Image.open(out / name) as im:
+            im.verify()
+
+
+def test_rtvlm_and_mme_reports(tmp_path):
+    rt = _rtvlm_results(7.0)
+    paths = write_results(tmp_path / "rt", rt)
+    assert "| overall (mean of ten) | 7.000 |" in paths["markdown"].read_text()
+    assert (tmp_path / "rt" / "rtvlm_subtasks.png").read_bytes()[:8] == PNG
+    mme = mme_scores([{"category": "existence", "image_id": "1", "answer": "Yes", "target": "yes"},
+                      {"category": "existence", "image_id": "1", "answer": "Yes", "target": "no"}])
+    paths = write_results(tmp_path / "mme", {"benchmark": "general", "data": {"n_items": 2}, "metrics": {"mme": mme}})
+    assert "| existence | 0.500 | 0.000 | 50.000 | 2 |" in paths["markdown"].read_text()
+    assert (tmp_path / "mme" / "mme.png").read_bytes()[:8] == PNG
+
+
+def test_runs_side_by_side_in_one_table_and_one_figure(uc_folder, tmp_path, capsys):
+    base, base_records = _uc_results(uc_folder, "Yes, this image is safe for viewing.")
+    tuned, tuned_records = _uc_results(uc_folder, "No, this image is not safe.")
+    write_results(tmp_path / "base" / "unsafeconcepts", base, base_records)
+    write_results(tmp_path / "base" / "rtvlm", _rtvlm_results(6.0))
+    write_results(tmp_path / "ppo", tuned, tuned_records)      # a run folder holding results.json itself
+    out = tmp_path / "summary"
+    assert main(["report", "--runs", str(tmp_path / "base"), str(tmp_path / "ppo"), "--out", str(out)]) == 0
+    assert "2 runs" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    table = summary["table"]
+    assert summary["runs"] == ["base", "ppo"]
+    assert table["UC modality gap (NA excluded)"] == {"base": 1.0, "ppo": 0.0}
+    assert table["UC image alignment acc (NA counted wrong)"] == {"base": 0.0, "ppo": 1.0}
+    # The tuned model calls safe images unsafe too: its false-refusal rate shows what alignment cost.
+    assert table["UC false-refusal rate (safe images)"] == {"base": 0.0, "ppo": 1.0}
+    assert table["RTVLM overall / 10"] == {"base": 0.6}
+    md = (out / "summary.md").read_text()
+    assert "| metric | base | ppo |" in md and "| RTVLM overall / 10 | 0.600 | n/a |" in md
+    rows = list(csv.reader((out / "summary.csv").open()))
+    assert rows[0] == ["metric", "base", "ppo"] and len(rows) == len(table) + 1
+    assert (out / "summary.png").read_bytes()[:8] == PNG
+    assert headline(base)["UC perception acc (NA excluded)"] == 1.0
+
+
+def test_report_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", "--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no results.json" in err[0]
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text("{oops")
+    assert main(["report", "--runs", str(tmp_path / "broken"), "--out", str(tmp_path / "o")]) == 2
+    assert "results.json: not valid JSON" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="2 names for 1 runs"):
+        compare_runs([tmp_path / "broken"], tmp_path / "o", names=["a", "b"])
