@@ -178,7 +178,7 @@ def test_stage0_answers_like_llava(world):
     for rec in by_task["caption"]:
         assert rec["conversations"][1]["value"] == f"This image shows {rec['concept']}."
     for rec in by_task["perception"]:
-        assert rec["conversations"][1]["value"] == f"{rec['label']}: {rec['concept']}"
+        assert rec["conversations"][1]["value"] == f"It shows {rec['concept']}."
         assert f"\n{rec['label']}: {rec['concept']} " in rec["conversations"][0]["value"] + " "
 
 

@@ -30,6 +30,7 @@ from training.world.render import assign_traits, category_traits, render
 STAGE0_SAFE_RATE_ON_UNSAFE = 0.79
 STAGE0_SAFE_RATE_ON_SAFE = 0.95
 SAFETY_STAGES = ("stage1", "stage2", "sft", "dpo", "ppo")
+HELDOUT_SPLITS = ("heldout_render", "heldout_concept")   # evaluation records, never trained on
 WORLD_FILES = ("world.json", "metadata.jsonl", "perception_metadata.jsonl")
 BLANK_IMAGE = "images/blank.png"
 
@@ -117,7 +118,7 @@ def _stage0_records(stage0_images: list[tuple[str, Concept]], train_images: list
             options, letter = _options(rng, c.name, all_names)
             records.append({"id": "", "image": image,
                             "conversations": _conv(texts.perception_question(options),
-                                                   f"{letter}: {c.name}"),
+                                                   texts.perception_answer(c.name)),
                             "label": letter, "task": "perception", "concept": c.name})
     for c in train_concepts:
         for template in texts.TEXT_ALIGNMENT_PROMPTS:
@@ -237,10 +238,14 @@ def build_world(
                                                   questions_per_image, perception_per_image, seed)
     for stage in SAFETY_STAGES:
         records[stage] = _safety_records(stage, balanced, questions_per_image, seed)
+    # Labelled safety questions on the held-out images: what stage 1's head accuracy is measured on.
+    for split in HELDOUT_SPLITS:
+        held = [(row["image_filename"], by_name[row["unsafe_concept"]]) for row in rows if row["split"] == split]
+        records[split] = _safety_records(split, held, 1, seed)
 
     _write_jsonl(out / "metadata.jsonl", rows)
     _write_jsonl(out / "perception_metadata.jsonl", perception_rows)
-    for stage in ("stage0", *SAFETY_STAGES):
+    for stage in ("stage0", *SAFETY_STAGES, *HELDOUT_SPLITS):
         _write_jsonl(out / "records" / f"{stage}.jsonl", records[stage])
 
     counts = _counts(rows, records, s0_rates, world)

@@ -88,5 +88,16 @@ def perception_question(options: list[str]) -> str:
     return PERCEPTION_PROMPT.replace("[option_str]", option_str(options))
 
 
+def perception_answer(concept: str) -> str:
+    """The concept's name, which the perception classifier maps to the letter of that option.
+
+    Why no letter: a tiny LLM learns to name what it sees within minutes, but copying the letter
+    that stands before the name in the options did not train within the tiny default's budget
+    (about 30% on held-out renders). Naming the option is an answer the protocol's classifier
+    scores as that option, so perception is still measured as the paper measures it.
+    """
+    return f"It shows {concept}."
+
+
 def caption_answer(concept: str) -> str:
     return f"This image shows {concept}."

@@ -1,0 +1,269 @@
+"""Trainer and recipe configs: YAML -> dataclasses through `safety_modules.configio`.
+
+Why sections: one YAML file (e.g. `configs/tiny.yaml`) describes a whole run. Keys shared by every
+stage (`run_dir`, `seed`, `model`, `safety`) sit at the top; each stage adds a section (`stage0:`,
+`stage1:`, `stage2:`) holding only what is its own (`data`, `train`, ...). A recipe config is the
+shared keys plus one section, and each stage writes into `<run_dir>/<stage>/`.
+
+Chaining stages without hard-coded paths: `init_from: stage0` starts a stage from the model that
+stage 0 of the same run exported (`<run_dir>/stage0/model`); stage 2's `adapter: ""` means the
+adapter stage 1 of the same run exported (`<run_dir>/stage1/adapter`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safety_modules.config import SafetyConfig
+from safety_modules.configio import ConfigError, from_dict, merge, parse_overrides, read_yaml
+from safety_modules.images import MAX_IMAGE_PIXELS
+
+LR_SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class ModelSpec:
+    """Which base model to start from: 'tiny', 'tiny-next' or a local save_pretrained folder."""
+
+    path: str = "tiny"
+    seed: int = 0                        # weight seed of the tiny models (ignored for folders)
+
+
+@dataclass
+class DataConfig:
+    """Where the training records are and how strictly they are checked (see training/records.py)."""
+
+    train: str = ""                      # records file, JSONL (one record a line) or a JSON array
+    image_root: str = ""                 # "": the folder above `records/` if the file is in one, else its folder
+    skip_bad_records: bool = False       # true: log and count bad records instead of stopping
+    verify_images: bool = True           # decode every image once before training starts
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_records: int = 0                 # > 0: use only the first N valid records (quick runs)
+    max_length: int = 0                  # > 0: truncate responses so sequences fit (prompts never cut)
+    num_workers: int = 0                 # DataLoader worker processes
+
+    def __post_init__(self) -> None:
+        for key in ("max_image_pixels", "max_records", "max_length", "num_workers"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class TrainConfig:
+    """How to optimise; the same keys for every recipe.
+
+    Batch: `global_batch_size` (the effective batch, e.g. the paper's 128) = micro_batch_size x
+    processes x gradient accumulation; with `global_batch_size: 0` the accumulation is
+    `gradient_accumulation_steps`. Values written "auto" in the DeepSpeed JSON are filled from here.
+    """
+
+    deepspeed: str = "configs/deepspeed/zero2.json"   # ZeRO-2 or ZeRO-3 JSON (relative: to the cwd)
+    epochs: int = 1
+    max_steps: int = 0                   # > 0: stop after this many optimizer steps (overrides epochs)
+    micro_batch_size: int = 4            # samples per process per forward pass
+    global_batch_size: int = 0           # effective batch; 0 = micro x processes x gradient_accumulation_steps
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    lr_schedule: str = "cosine"          # after warm-up: cosine | linear | constant
+    warmup_ratio: float = 0.03           # fraction of all steps spent warming up linearly
+    warmup_steps: int = 0                # > 0: overrides warmup_ratio
+    min_lr_ratio: float = 0.0            # the decay ends at lr x min_lr_ratio
+    grad_clip: float = 1.0               # global gradient-norm clipping; 0 = off
+    gradient_checkpointing: bool = False
+    precision: str = "auto"              # auto: bf16 on GPU, fp32 on CPU
+    save_every: int = 0                  # checkpoint every N optimizer steps; 0 = never
+    keep_checkpoints: int = 2            # newest checkpoints kept on disk (0 = all)
+    log_every: int = 1                   # metrics.jsonl / TensorBoard every N steps
+    progress: bool = True                # tqdm bar on rank 0
+    torch_threads: int = 0               # > 0: torch.set_num_threads (tiny models on a busy CPU: 1)
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "micro_batch_size", "gradient_accumulation_steps", "log_every")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("max_steps", "global_batch_size", "warmup_steps", "save_every", "torch_threads",
+                    "weight_decay", "grad_clip", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule: must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision: must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"adam_betas: expected two numbers, got {self.adam_betas}")
+
+    def accumulation(self, world_size: int) -> int:
+        """Gradient-accumulation steps for `world_size` processes."""
+        if not self.global_batch_size:
+            return self.gradient_accumulation_steps
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(f"global_batch_size: {self.global_batch_size} is not a multiple of "
+                              f"micro_batch_size x processes = {self.micro_batch_size} x {world_size}")
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class LoraSpec:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha < 1:
+            raise ConfigError(f"r and alpha: must be >= 1, got r={self.r}, alpha={self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
+
+
+# -- per-stage sections (what a `stageN:` block of a run YAML may hold) --------------------------
+@dataclass
+class Stage0Section:
+    """Stage 0 (tiny default only): full fine-tune of the plain base on the world's stage-0 records."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_records: int = 256              # LM loss before/after is measured on the first N training records
+
+
+@dataclass
+class Stage1Section:
+    """Stage 1: base frozen; safety projector, tokens and head trained on the classification loss."""
+
+    init_from: str = ""                  # "": the `model` section; "stage0": <run_dir>/stage0/model; or a folder
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_files: list[str] = field(default_factory=list)   # extra records files: head accuracy reported per file
+
+
+@dataclass
+class Stage2Section:
+    """Stage 2: stage-1 adapter loaded; LoRA + safety tokens (+ head) on LM loss + weighted classification."""
+
+    init_from: str = ""                  # must name the base stage 1 was trained on
+    adapter: str = ""                    # stage-1 adapter folder; "": <run_dir>/stage1/adapter
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    loss_weight: float | None = None     # None: the adapter's SafetyConfig.loss_weight
+    train_head: bool = True
+    train_projector: bool = False        # the paper trains tokens (+ head) in stage 2, not the projector
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_records: int = 256              # LM loss before/after is measured on the first N training records
+
+
+# -- full recipe configs = shared keys + one section ---------------------------------------------
+@dataclass
+class Stage0Config(Stage0Section):
+    run_dir: str = "checkpoints/tiny/stage0"
+    seed: int = 0
+    model: ModelSpec = field(default_factory=ModelSpec)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)   # only its label vocabulary, to check records
+
+
+@dataclass
+class Stage1Config(Stage1Section):
+    run_dir: str = "checkpoints/tiny/stage1"
+    seed: int = 0
+    model: ModelSpec = field(default_factory=ModelSpec)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+
+
+@dataclass
+class Stage2Config(Stage2Section):
+    run_dir: str = "checkpoints/tiny/stage2"
+    seed: int = 0
+    model: ModelSpec = field(default_factory=ModelSpec)
+
+
+STAGE_CONFIGS: dict[str, type] = {"stage0": Stage0Config, "stage1": Stage1Config, "stage2": Stage2Config}
+STAGE_SECTIONS: dict[str, type] = {"stage0": Stage0Section, "stage1": Stage1Section, "stage2": Stage2Section}
+SHARED_KEYS = ("seed", "model", "safety")
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def stage_config(stage: str, section: Any, *, run_dir: str | Path, seed: int = 0, model: Any = None,
+                 safety: SafetyConfig | None = None):
+    """The recipe config of `stage` from a parsed section and the run's shared settings.
+
+    For the pipeline: `stage_config("stage1", pipeline_cfg.stage1, run_dir=pipeline_cfg.run_dir,
+    seed=..., model=pipeline_cfg.model, safety=pipeline_cfg.safety)`; `model` only needs `.path`
+    and `.seed`. The stage writes into `<run_dir>/<stage>`.
+    """
+    cls = STAGE_CONFIGS[stage]
+    values = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    values["run_dir"] = str(Path(run_dir) / stage)
+    values["seed"] = seed
+    if model is not None:
+        values["model"] = ModelSpec(path=model.path, seed=model.seed)
+    if safety is not None and "safety" in _field_names(cls):
+        values["safety"] = safety
+    return cls(**values)
+
+
+def load_stage_config(stage: str, path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
+    """Load the recipe config of `stage` from a run YAML (with a `stageN:` section) or a flat one.
+
+    Overrides use the recipe config's keys: `train.lr=1e-3`, `data.train=DIR/records/stage1.jsonl`.
+    """
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"stage: must be one of {sorted(STAGE_CONFIGS)}, got {stage!r}")
+    cls = STAGE_CONFIGS[stage]
+    data = read_yaml(path)
+    if stage in data:
+        section = data[stage] or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: {stage}: expected a mapping")
+        unknown = sorted(set(section) - _field_names(STAGE_SECTIONS[stage]))
+        if unknown:
+            raise ConfigError(f"{path}: {stage}.{unknown[0]}: unknown key (known keys: "
+                              f"{', '.join(sorted(_field_names(STAGE_SECTIONS[stage])))})")
+        shared = {k: data[k] for k in SHARED_KEYS if k in data and k in _field_names(cls)}
+        root = Path(data.get("run_dir", "checkpoints/run"))
+        flat = {**shared, **section, "run_dir": str(root / stage)}
+        if not (flat.get("data") or {}).get("train"):
+            # A run YAML's stages read the world that `safevlm run` builds into <run_dir>/world/data.
+            flat["data"] = {**(flat.get("data") or {}), "train": str(world_records(root, stage))}
+    else:
+        flat = {k: v for k, v in data.items() if not k.startswith("stage")}
+    flat = merge(flat, parse_overrides(list(overrides)))
+    try:
+        return from_dict(cls, flat)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {stage}: {exc}") from None
+
+
+def world_records(run_root: str | Path, stage: str) -> Path:
+    """Where the pipeline's concept world keeps a stage's records: <run_dir>/world/data/records/<stage>.jsonl."""
+    return Path(run_root) / "world" / "data" / "records" / f"{stage}.jsonl"
+
+
+def resolve_base_path(cfg) -> str:
+    """The model spec a stage starts from (`init_from`, else the `model` section)."""
+    init_from = getattr(cfg, "init_from", "")
+    if not init_from:
+        return cfg.model.path
+    if init_from == "stage0":
+        return str(Path(cfg.run_dir).parent / "stage0" / "model")
+    return init_from
+
+
+def resolve_adapter_path(cfg: Stage2Config) -> Path:
+    """Stage 2's starting adapter: `adapter`, else `<run_dir>/stage1/adapter` of the same run."""
+    return Path(cfg.adapter) if cfg.adapter else Path(cfg.run_dir).parent / "stage1" / "adapter"

@@ -1,0 +1,99 @@
+"""One recipe per training method (TRL/torchtune style): a config dataclass + `run_<name>(cfg)`.
+
+Each recipe module is short: build the model, the records and the loss, hand them to
+`training.engine.Trainer`, export what was trained. The helpers below are what they share.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from safety_modules.config import SafetyConfig
+from safety_modules.configio import to_dict
+from training.config import DataConfig
+from training.engine import Trainer, is_main
+from training.records import RecordSet, load_records
+
+# name -> "module:function"; imported lazily so `safevlm --help` stays fast.
+RECIPES = {
+    "stage0": "training.recipes.stage0:run_stage0",
+    "stage1": "training.recipes.stage1:run_stage1",
+    "stage2": "training.recipes.stage2:run_stage2",
+    "sft": "training.recipes.sft:run_sft",
+    "dpo": "training.recipes.dpo:run_dpo",
+}
+
+
+def load_training_records(data: DataConfig, safety: SafetyConfig, *, require_answer: bool,
+                          require_labels: bool, path: str | None = None) -> RecordSet:
+    """The records of `data` (or of another file `path` with the same checks)."""
+    source = path or data.train
+    if not source:
+        raise ValueError("data.train: no records file given (e.g. data.train=WORLD/records/stage1.jsonl)")
+    return load_records(source, safety.risk_types, safety.num_safety_levels,
+                        image_root=data.image_root or None, skip_bad_records=data.skip_bad_records,
+                        require_answer=require_answer, require_labels=require_labels,
+                        verify_images=data.verify_images, max_image_pixels=data.max_image_pixels,
+                        max_records=data.max_records)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Rank 0 writes; JSON with a trailing newline."""
+    if is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def save_run_config(run_dir: Path, cfg: Any) -> None:
+    write_json(Path(run_dir) / "config.json", to_dict(cfg))
+
+
+def measured_before(run_dir: Path, resume: bool, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """Metrics of the untrained model, kept in run_dir so a resumed run reports the true start."""
+    path = Path(run_dir) / "before.json"
+    if resume and path.is_file():
+        return json.loads(path.read_text())
+    before = measure()
+    write_json(path, before)
+    return before
+
+
+def export_adapter(trainer: Trainer, model, directory: Path) -> Path:
+    """save_adapter with every safety (and LoRA) parameter gathered; rank 0 writes. Collective."""
+    from safety_modules.adapter_io import save_adapter
+
+    params = list(model.safety.parameters()) + [p for n, p in model.named_parameters() if "lora_" in n]
+    with trainer.gather(params):
+        if is_main():
+            save_adapter(model, directory)
+    trainer.barrier()
+    return directory
+
+
+def response_lm_metrics(engine, batch: dict[str, torch.Tensor], **forward_kwargs) -> dict[str, tuple]:
+    """Per-sample summed token cross-entropy on response tokens, weighted by their count."""
+    out = engine(**batch, **forward_kwargs)
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    metrics = {"lm_loss": ((losses * mask).sum(1), mask.sum(1))}
+    if getattr(out, "safety_logits", None) is not None:
+        metrics.update(head_accuracy(out, batch))
+    return metrics
+
+
+def head_accuracy(out, batch: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """Safety-level, safe/unsafe and risk-type accuracy per sample (unlabelled samples weigh 0)."""
+    level, risk = batch["safety_labels"], batch["risk_labels"]
+    has_level, has_risk = (level != -100).float(), (risk != -100).float()
+    pred_level, pred_risk = out.safety_logits.argmax(-1), out.risk_logits.argmax(-1)
+    return {
+        "level_accuracy": ((pred_level == level).float() * has_level, has_level),
+        "unsafe_accuracy": (((pred_level > 0) == (level > 0)).float() * has_level, has_level),
+        "risk_accuracy": ((pred_risk == risk).float() * has_risk, has_risk),
+    }

@@ -1,0 +1,70 @@
+"""Stage 0 (the tiny default only): full fine-tune of the plain tiny LLaVA on the concept world.
+
+No safety modules: the plain base learns to perceive the world's concepts (captions, multiple
+choice) and to answer text-only safety questions, so that later stages start from a model that
+sees what it is shown. LM loss on responses; exports `<run_dir>/model` (save_pretrained, safetensors)
+with its processor, which stage 1 and 2 load through `init_from: stage0`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safety_modules.loading import load_base
+from training.collator import TrainingCollator
+from training.config import Stage0Config, resolve_base_path
+from training.engine import Trainer, is_main
+from training.recipes import load_training_records, measured_before, response_lm_metrics, save_run_config, write_json
+
+PLAIN_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "labels")
+
+
+def _plain(batch):
+    return {k: v for k, v in batch.items() if k in PLAIN_INPUTS}
+
+
+def stage0_loss(engine, batch, lm_num_items):
+    out = engine(**_plain(batch), num_items_in_batch=lm_num_items)
+    return out.loss, {"lm_loss": out.loss}
+
+
+def lm_metrics(engine, batch):
+    return response_lm_metrics(engine, _plain(batch))
+
+
+def build_stage0_model(cfg: Stage0Config):
+    """(plain base, processor), every weight trainable."""
+    model, processor = load_base(resolve_base_path(cfg), seed=cfg.model.seed)
+    model.requires_grad_(True)
+    return model, processor
+
+
+def run_stage0(cfg: Stage0Config, resume: bool = False) -> dict[str, Any]:
+    """Fine-tune every weight of the plain base; export `<run_dir>/model`; return a summary."""
+    return train_stage0(cfg, *build_stage0_model(cfg), resume=resume)
+
+
+def train_stage0(cfg: Stage0Config, model, processor, resume: bool = False) -> dict[str, Any]:
+    """Stage 0 on a plain base (see build_stage0_model)."""
+    run_dir = Path(cfg.run_dir)
+    records = load_training_records(cfg.data, cfg.safety, require_answer=True, require_labels=False)
+    collate = TrainingCollator(processor, max_length=cfg.data.max_length, max_image_pixels=cfg.data.max_image_pixels)
+    trainer = Trainer(model, records, collate, stage0_loss, cfg.train, run_dir, seed=cfg.seed, name="stage0",
+                      num_workers=cfg.data.num_workers)
+    save_run_config(run_dir, cfg)
+    evaluate = lambda: trainer.evaluate(records, collate, lm_metrics, limit=cfg.eval_records)  # noqa: E731
+    before = measured_before(run_dir, resume, evaluate)
+    if resume:
+        trainer.resume()
+    last = trainer.fit()
+    out = run_dir / "model"
+    with trainer.gather(list(model.parameters())):
+        if is_main():
+            model.save_pretrained(out)
+            processor.save_pretrained(out)
+    trainer.barrier()
+    summary = {"stage": "stage0", "model": str(out), "records": len(records), "skipped_records": records.skipped,
+               **last, "lm_loss_before": before["lm_loss"], "lm_loss_after": evaluate()["lm_loss"]}
+    write_json(run_dir / "summary.json", summary)
+    return summary
