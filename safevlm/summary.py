@@ -1,0 +1,129 @@
+"""The pipeline's comparison report: one table and figures over base, stage 2, PPO, SFT and DPO.
+
+Every number in `report.md` is read from `results.json` written beside it (which in turn reads the
+evaluations' own results.json files), so the table and the JSON cannot disagree.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+# (pipeline evaluation stage, the name shown in the report)
+VARIANTS = [("eval_base", "base (stage 0)"), ("eval_stage2", "stage 2"), ("eval_ppo", "PPO"),
+            ("eval_sft", "SFT"), ("eval_dpo", "DPO")]
+COLUMNS = [
+    ("image_alignment", "image alignment acc (unsafe)"),
+    ("image_alignment_na_wrong", "image alignment acc, NA counted wrong"),
+    ("false_refusal", "false-refusal rate (safe images)"),
+    ("text_alignment", "text-only alignment acc"),
+    ("modality_gap", "modality gap (text - image)"),
+    ("perception", "perception acc"),
+    ("judge_vs_reward_agreement", "judge vs reward classifier agreement"),
+    ("judge_vs_rules_agreement", "judge vs rule-based agreement"),
+]
+
+
+def _numbers(results: dict) -> dict[str, float | None]:
+    m = results.get("metrics", {})
+
+    def overall(task: str, conv: str = "na_excluded"):
+        return m.get(task, {}).get("overall", {}).get(conv)
+
+    agree = m.get("agreement", {}).get("alignment", {})
+    return {
+        "image_alignment": overall("alignment"),
+        "image_alignment_na_wrong": overall("alignment", "na_counted_wrong"),
+        "false_refusal": (m.get("false_refusal") or {}).get("rate"),
+        "text_alignment": overall("text_alignment"),
+        "modality_gap": (m.get("modality_gap") or {}).get("na_excluded", {}).get("overall"),
+        "perception": overall("perception"),
+        "judge_vs_reward_agreement": agree.get("classifier_vs_second_classifier", {}).get("agreement"),
+        "judge_vs_rules_agreement": agree.get("classifier_vs_rules", {}).get("agreement"),
+    }
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _stage1_head(root: Path) -> dict[str, float | None]:
+    path = root / "stage1" / "summary.json"
+    if not path.is_file():
+        return {}
+    summary = json.loads(path.read_text())
+    out = {"train": summary.get("train_after", {}).get("level_accuracy")}
+    for file, metrics in summary.get("eval", {}).items():
+        out[Path(file).stem] = metrics.get("level_accuracy")
+        out[Path(file).stem + " (safe vs unsafe)"] = metrics.get("unsafe_accuracy")
+    return out
+
+
+def collect(root: Path, splits: list[str]) -> dict:
+    """Numbers of every evaluated variant per split, and the stage-1 head's accuracy."""
+    table: dict[str, dict[str, dict]] = {}
+    for stage, name in VARIANTS:
+        for split in splits:
+            path = root / stage / split / "results.json"
+            if path.is_file():
+                table.setdefault(split, {})[name] = _numbers(json.loads(path.read_text()))
+    return {"splits": table, "stage1_head_accuracy": _stage1_head(root)}
+
+
+def _plot(results: dict, out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    keys = [("image_alignment", "image alignment"), ("false_refusal", "false refusal (safe)"),
+            ("text_alignment", "text-only alignment"), ("perception", "perception")]
+    for split, variants in results["splits"].items():
+        names = list(variants)
+        fig, ax = plt.subplots(figsize=(8, 4))
+        width = 0.8 / max(len(names), 1)
+        for i, name in enumerate(names):
+            values = [variants[name][k] if variants[name][k] is not None else 0.0 for k, _ in keys]
+            ax.bar([x + i * width for x in range(len(keys))], values, width, label=name)
+        ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(keys))], [label for _, label in keys])
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("rate")
+        ax.set_title(f"Concept world, {split.replace('_', ' ')}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"comparison_{split}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
+
+
+def write_pipeline_report(root: Path, out: Path, splits: list[str], stages: list[str]) -> dict:
+    """results.json, report.md, report.csv and one PNG per split into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = collect(Path(root), splits)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    lines = ["# Safety alignment on the concept world", "",
+             "Measured on renders and whole concepts held out of all safety training; answers judged by the "
+             "judge classifier (trained on other templates and seed than the PPO reward classifier). "
+             "Accuracies exclude NA answers unless the column says otherwise.", ""]
+    rows = []
+    for split, variants in results["splits"].items():
+        lines += [f"## {split}", "", "| model | " + " | ".join(label for _, label in COLUMNS) + " |",
+                  "| --- |" + " --- |" * len(COLUMNS)]
+        for name, numbers in variants.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(numbers[k]) for k, _ in COLUMNS) + " |")
+            rows.append({"split": split, "model": name, **numbers})
+        lines += ["", f"![{split}](comparison_{split}.png)", ""]
+    head = results["stage1_head_accuracy"]
+    if head:
+        lines += ["## Stage-1 safety head (safety-level accuracy)", "", "| records | accuracy |", "| --- | --- |"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in head.items()] + [""]
+    (out / "report.md").write_text("\n".join(lines))
+    with (out / "report.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["split", "model"] + [k for k, _ in COLUMNS])
+        writer.writeheader()
+        writer.writerows(rows)
+    figures = _plot(results, out)
+    return {"report": str(out / "report.md"), "results": str(out / "results.json"), "figures": figures}

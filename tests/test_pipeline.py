@@ -1,0 +1,123 @@
+"""`safevlm run` end to end on an even smaller config than the tiny default (a few steps per stage).
+
+Checks every artefact a user relies on: adapters load onto a fresh base and reproduce the trained
+outputs, the report's numbers are those of its results.json, the figures are real PNGs, and a rerun
+skips every finished stage.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "tests" / "configs" / "pipeline_smoke.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def _run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "safevlm.cli", "run", str(SMOKE), f"run_dir={run_dir}", *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    proc = _run(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_every_stage_finished(run_dir: Path):
+    from safevlm.pipeline import STAGES
+    for stage in STAGES:
+        marker = run_dir / stage.name / "DONE.json"
+        assert marker.is_file(), f"stage {stage.name} left no DONE.json"
+        assert "seconds" in json.loads(marker.read_text())
+
+
+def test_adapters_load_onto_a_fresh_base_and_reproduce_outputs(run_dir: Path):
+    from safety_modules import load_adapter
+    from safety_modules.loading import load_base
+    from safety_modules.prompting import build_prompt
+
+    image = Image.open(run_dir / "world" / "data" / "images" / "0.png").convert("RGB")
+    for stage in ("stage1", "stage2", "ppo", "sft", "dpo"):
+        logits = []
+        for adapter in (run_dir / stage / "adapter", run_dir / "adapters" / stage):
+            base, processor = load_base(str(run_dir / "stage0" / "model"))
+            model = load_adapter(base, adapter, processor).eval()
+            batch = model.processor(images=[image], text=[build_prompt(model.processor, "Is this image safe?")],
+                                    return_tensors="pt")
+            with torch.no_grad():
+                out = model(**batch)
+            logits.append((out.logits, out.safety_logits))
+        assert torch.equal(logits[0][0], logits[1][0]) and torch.equal(logits[0][1], logits[1][1])
+
+
+def _table_rows(markdown: str) -> dict[tuple[str, str], list[str]]:
+    rows, split = {}, None
+    for line in markdown.splitlines():
+        if line.startswith("## "):
+            split = line[3:].strip()
+        elif line.startswith("| ") and not line.startswith("| model") and not line.startswith("| ---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[(split, cells[0])] = cells[1:]
+    return rows
+
+
+def test_report_numbers_equal_results_json(run_dir: Path):
+    from safevlm.summary import COLUMNS, _fmt
+
+    results = json.loads((run_dir / "report" / "results.json").read_text())
+    rows = _table_rows((run_dir / "report" / "report.md").read_text())
+    assert results["splits"], "the report has no evaluated split"
+    checked = 0
+    for split, variants in results["splits"].items():
+        assert set(variants) == {"base (stage 0)", "stage 2", "PPO", "SFT", "DPO"}
+        for name, numbers in variants.items():
+            assert rows[(split, name)] == [_fmt(numbers[key]) for key, _ in COLUMNS]
+            checked += 1
+        # and results.json holds what the evaluation itself wrote
+        base = json.loads((run_dir / "eval_base" / split / "results.json").read_text())
+        assert variants["base (stage 0)"]["false_refusal"] == (base["metrics"].get("false_refusal") or {}).get("rate")
+    head = results["stage1_head_accuracy"]
+    summary = json.loads((run_dir / "stage1" / "summary.json").read_text())
+    assert head["train"] == summary["train_after"]["level_accuracy"]
+    assert checked == 10
+
+
+def test_plots_are_valid_pngs(run_dir: Path):
+    figures = sorted((run_dir / "report").glob("*.png")) + sorted((run_dir / "eval_base").rglob("*.png"))
+    assert len(figures) >= 3
+    for path in figures:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+        with Image.open(path) as img:
+            img.verify()
+            assert img.size[0] > 100 and img.size[1] > 100
+
+
+def test_rerun_skips_finished_stages(run_dir: Path):
+    from safevlm.pipeline import STAGES
+    before = {s.name: (run_dir / s.name / "DONE.json").stat().st_mtime_ns for s in STAGES}
+    proc = _run(run_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    skipped = re.findall(r"\] (\w+): done already, skipped", proc.stdout)
+    assert skipped == [s.name for s in STAGES]
+    after = {s.name: (run_dir / s.name / "DONE.json").stat().st_mtime_ns for s in STAGES}
+    assert before == after
+
+
+def test_unknown_stage_and_bad_key_are_clear_errors(tmp_path: Path):
+    proc = _run(tmp_path / "x", "--only", "nosuchstage")
+    assert proc.returncode == 2 and "nosuchstage" in proc.stderr
+    proc = _run(tmp_path / "y", "stage1.train.lrr=1")
+    assert proc.returncode == 2 and "lrr" in proc.stderr
