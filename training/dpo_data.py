@@ -1,0 +1,127 @@
+"""DPO data: preference pairs as one batch, sequence log-probabilities, and the fixed reference.
+
+A pair is one record: image + question, chosen = the gpt turn (the correct answer), rejected = the
+record's `rejected` field (the opposite answer). `PairCollator` encodes the B chosen and the B
+rejected sequences as one batch of 2B rows (chosen first) with training/collator.py's
+`TrainingCollator`, so both answers get exactly the prompt format, masking and safety-token
+layout of every other stage, and one forward pass scores both.
+
+The reference log-probabilities are computed once, before training, with the LoRA disabled
+(`model.base.disable_adapter()`, no second copy of the model, under no_grad), and looked up by
+`pair_index` during training. Why once: the LLM-side safety tokens are trained together with the
+LoRA, so a reference recomputed at every step would drift with them; computed up front it is
+exactly "the stage-2 base + safety modules without the LoRA" for the whole run, and it costs one
+forward pass over the data instead of one per step.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from training.collator import IGNORE_INDEX, TrainingCollator
+from training.rl.losses import token_logprobs
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+
+
+class IndexedRows:
+    """A map-style dataset adding each row's position as `pair_index` (the reference table's key)."""
+
+    def __init__(self, rows) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.rows[int(index)], "pair_index": int(index)}
+
+
+def check_pairs(rows) -> None:
+    """Every record needs a non-empty `rejected` answer different from its chosen one."""
+    for row in rows:
+        where = row.get("source") or row.get("id")
+        if not row["rejected"].strip():
+            raise ValueError(f"{where}: field 'rejected' is missing or empty (DPO needs the opposite answer)")
+        if row["rejected"].strip() == row["answer"].strip():
+            raise ValueError(f"{where}: field 'rejected' equals the chosen answer")
+
+
+class PairCollator:
+    """rows -> one batch of 2B sequences: rows[i] with its answer at i, with `rejected` at B + i.
+
+    The batch holds the TrainingCollator keys (labels mark the response tokens) plus `pair_index`
+    (B,) when the rows carry one (see IndexedRows).
+    """
+
+    def __init__(self, processor, max_length: int = 0, **kwargs) -> None:
+        self.inner = TrainingCollator(processor, max_length=max_length, **kwargs)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        check_pairs(rows)
+        batch = self.inner(list(rows) + [{**row, "answer": row["rejected"]} for row in rows])
+        if all("pair_index" in row for row in rows):
+            batch["pair_index"] = torch.tensor([row["pair_index"] for row in rows], dtype=torch.long)
+        return batch
+
+
+def sequence_logps(forward: Callable, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) sequence log-probabilities: sums over each response's tokens (eos included).
+
+    `forward` is the model or its DeepSpeed engine; the safety head is not run.
+    """
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    logits = forward(**inputs, run_head=False).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    logps = (token_logprobs(logits, labels.clamp(min=0)) * mask).sum(dim=1)
+    half = logps.shape[0] // 2
+    return logps[:half], logps[half:]
+
+
+def _move(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def reference_logps(model, dataset, collate: PairCollator, batch_size: int, *, forward: Callable | None = None,
+                    no_lora: bool = True, device: torch.device | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(len(dataset), 2) float32 table of [chosen, rejected] log-probabilities, on CPU.
+
+    `model` is the attached model (its LoRA is disabled when `no_lora`); `forward` the callable to
+    run (its DeepSpeed engine; default the model). Rows are sharded over the processes and the
+    table all-reduced, every process running the same number of batches (ZeRO-3 gathers in step).
+    """
+    forward = forward or model
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n = len(dataset)
+    mine = list(range(rank, n, world))
+    per_rank = math.ceil(n / world)
+    valid = len(mine)
+    mine = mine + [0] * (per_rank - valid)                # padding rows, discarded
+    table = torch.zeros(n, 2, dtype=torch.float32)
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    context = model.base.disable_adapter() if no_lora else nullcontext()
+    with context:
+        for start in range(0, per_rank, batch_size):
+            indices = mine[start:start + batch_size]
+            batch = _move(collate([dataset[j] for j in indices]), device, dtype)
+            chosen, rejected = sequence_logps(forward, batch)
+            for k, j in enumerate(indices):
+                if start + k < valid:
+                    table[j, 0], table[j, 1] = chosen[k].float().cpu(), rejected[k].float().cpu()
+    model.train(was_training)
+    if world > 1:
+        target = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+        reduced = table.to(target)
+        dist.all_reduce(reduced)                          # each row was filled by exactly one process
+        table = reduced.cpu()
+    return table
