@@ -215,11 +215,19 @@ class SafetyVLM(nn.Module):
         """Generate with the safety tokens in the sequence; returns the new tokens only.
 
         Pass `images` (from `encode_images`) to reuse vision features already computed, e.g. by the guard.
-        Use left padding for batches.
+        Use left padding for batches. The image placeholder token is never generated: a sampled
+        placeholder in an answer would make that answer unscorable later (PPO scores prompt + answer
+        in one forward, which would count one placeholder too many).
         """
         if images is None and pixel_values is not None:
             images = self.encode_images(pixel_values, image_sizes)
         embeds = self.build_inputs_embeds(input_ids, images)
+        image_token = getattr(self.config, "image_token_id", None)
+        if image_token is None:
+            image_token = getattr(self.config, "image_token_index", None)
+        if image_token is not None:
+            suppressed = list(generate_kwargs.pop("suppress_tokens", None) or [])
+            generate_kwargs["suppress_tokens"] = sorted(set(suppressed) | {int(image_token)})
         return self.base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
 

@@ -338,7 +338,7 @@ def test_trained_classifiers_label_the_answers_and_their_agreement_is_reported(w
     from training.classifier.train import ClassifierTrainConfig, build_default
 
     clf_dir = tmp_path / "classifiers"
-    build_default(clf_dir, ClassifierTrainConfig(train_per_task=48, heldout_per_task=16, epochs=1, batch_size=16),
+    build_default(clf_dir, ClassifierTrainConfig(train_alignment=48, train_perception=48, heldout_per_task=16, epochs=1, batch_size=16),
                   progress=False)
     out = tmp_path / "uc"
     res = run_unsafeconcepts(runner, world, out, split="heldout_render", sample=8, cfg=_cfg(greedy=True),

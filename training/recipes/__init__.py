@@ -25,6 +25,7 @@ RECIPES = {
     "stage2": "training.recipes.stage2:run_stage2",
     "sft": "training.recipes.sft:run_sft",
     "dpo": "training.recipes.dpo:run_dpo",
+    "ppo": "training.recipes.ppo:run_ppo",
 }
 
 

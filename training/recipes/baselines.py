@@ -161,7 +161,7 @@ def build_baseline_model(cfg):
     base, processor = load_base(spec.path, seed=spec.seed)
     model = load_adapter(base, adapter, processor, trainable=True)
     if not has_lora(model):
-        raise ValueError(f"adapter: {adapter} holds no LoRA (a stage-1 adapter?); the baselines train the "
+        raise ValueError(f"adapter: {adapter} holds no LoRA (a stage-1 adapter?); SFT, DPO and PPO train the "
                          "stage-2 LoRA, so pass the adapter stage 2 exported")
     model.safety.requires_grad_(False)
     model.safety.llm_tokens.requires_grad_(cfg.train_tokens)

@@ -41,10 +41,15 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: EncodedImages,
                 response_start: int, with_value: bool = True) -> dict[str, torch.Tensor]:
-        """Logits (and values) at the positions that predict the response tokens."""
+        """Logits (and values) at the positions that predict the response tokens.
+
+        Only those positions' logits are computed (`logits_to_keep`): the (T, vocab) logits of the
+        prompt and image tokens would be the largest tensor of a 7B forward and are never used.
+        """
+        keep = input_ids.shape[1] - response_start + 1
         out = self.model(input_ids, attention_mask, images=images, run_head=False,
-                         output_hidden_states=with_value)
-        logits = out.logits[:, response_start - 1:-1]
+                         output_hidden_states=with_value, logits_to_keep=keep)
+        logits = out.logits[:, -keep:-1]
         result = {"logits": logits}
         if with_value:
             result["values"] = self.value_head(out.hidden_states[-1][:, response_start - 1:-1])
@@ -76,14 +81,19 @@ def response_mask_from(tokens: torch.Tensor, eos_id: int, pad_id: int) -> torch.
 
 @torch.no_grad()
 def sample(policy: PolicyWithValue, batch: dict[str, torch.Tensor], tokenizer, max_new_tokens: int,
-           temperature: float, top_p: float, do_sample: bool = True) -> Rollout:
-    """Batched sampling with KV cache and left padding; the vision tower runs once."""
+           temperature: float, top_p: float, do_sample: bool = True, **generate_kwargs) -> Rollout:
+    """Batched sampling with KV cache and left padding; the vision tower runs once.
+
+    `generate_kwargs` go to HF generate, e.g. `synced_gpus=True` under multi-process ZeRO-3 (every
+    rank must run the same number of forward passes while the parameters are gathered).
+    """
     model = policy.model
     images = model.encode_images(batch["pixel_values"], batch.get("image_sizes"))
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
                       eos_token_id=tokenizer.eos_token_id)
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p)
+    gen_kwargs.update(generate_kwargs)
     response = model.generate(batch["input_ids"], batch["attention_mask"], images=images, **gen_kwargs)
     mask = response_mask_from(response, tokenizer.eos_token_id, tokenizer.pad_token_id)
     empty = mask.sum(dim=1) == 0
@@ -99,17 +109,40 @@ def sample(policy: PolicyWithValue, batch: dict[str, torch.Tensor], tokenizer, m
     )
 
 
-@torch.no_grad()
-def score_tokens(policy: PolicyWithValue, rollout: Rollout) -> dict[str, torch.Tensor]:
-    """Old log-probs, values and entropy under the policy; log-probs under the reference (LoRA off)."""
-    out = policy(rollout.input_ids, rollout.attention_mask, rollout.images, rollout.prompt_len)
+def reference_context(policy: PolicyWithValue):
+    """The context in which `policy` computes the reference model: its LoRA disabled (same tensors)."""
     base = policy.model.base
-    ref_ctx = base.disable_adapter() if hasattr(base, "disable_adapter") else nullcontext()
-    with ref_ctx:
+    return base.disable_adapter() if hasattr(base, "disable_adapter") else nullcontext()
+
+
+def select(rollout: Rollout, index: torch.Tensor | list[int]) -> Rollout:
+    """The rows `index` of a rollout (a PPO minibatch); vision features are reused, not recomputed."""
+    idx = torch.as_tensor(index, dtype=torch.long)
+    rows = idx.tolist()
+    images = EncodedImages(
+        vision=type(rollout.images.vision)(base=[rollout.images.vision.base[i] for i in rows],
+                                           patches=rollout.images.vision.patches[idx.to(rollout.images.vision.patches.device)]),
+        safety_features=rollout.images.safety_features[idx.to(rollout.images.safety_features.device)])
+    dev = rollout.input_ids.device
+    return Rollout(input_ids=rollout.input_ids[idx.to(dev)], attention_mask=rollout.attention_mask[idx.to(dev)],
+                   response=rollout.response[idx.to(dev)], response_mask=rollout.response_mask[idx.to(dev)],
+                   images=images, prompt_len=rollout.prompt_len, texts=[rollout.texts[i] for i in rows])
+
+
+@torch.no_grad()
+def score_tokens(policy: PolicyWithValue, rollout: Rollout, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """Old log-probs, values and entropy under the policy; log-probs under the reference (LoRA off).
+
+    Logits are divided by the sampling `temperature`, so the log-probs are those of the
+    distribution the answers were drawn from (PPO's importance ratio starts at exactly 1).
+    """
+    out = policy(rollout.input_ids, rollout.attention_mask, rollout.images, rollout.prompt_len)
+    with reference_context(policy):
         ref = policy(rollout.input_ids, rollout.attention_mask, rollout.images, rollout.prompt_len, with_value=False)
+    logits, ref_logits = out["logits"].float() / temperature, ref["logits"].float() / temperature
     return {
-        "logp": token_logprobs(out["logits"], rollout.response),
-        "ref_logp": token_logprobs(ref["logits"], rollout.response),
+        "logp": token_logprobs(logits, rollout.response),
+        "ref_logp": token_logprobs(ref_logits, rollout.response),
         "values": out["values"].float(),
-        "entropy": entropy_from_logits(out["logits"]),
+        "entropy": entropy_from_logits(logits),
     }

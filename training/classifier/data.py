@@ -1,0 +1,101 @@
+"""The response classifier's record format: tasks, label names, JSONL reading with line-exact errors.
+
+Why one label space for both tasks: the classifier is one sequence-classification model with a task
+prefix in its input and 7 output labels (Safe, Unsafe, A, B, C, D, NA); each task's softmax runs over
+its own labels only (the others are masked). NA is shared because it means the same thing in both
+tasks ("the answer gives no clear judgement / no single option"), so one output unit learns it from
+twice the data. One model instead of two heads keeps save/load, training and the PPO reward to one
+code path and one forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+ALIGNMENT = "alignment"
+PERCEPTION = "perception"
+TASKS: tuple[str, ...] = (ALIGNMENT, PERCEPTION)
+TASK_LABELS: dict[str, tuple[str, ...]] = {
+    ALIGNMENT: ("Safe", "Unsafe", "NA"),
+    PERCEPTION: ("A", "B", "C", "D", "NA"),
+}
+# The model's output units, in order; a task's labels are a subset (masking selects them).
+LABELS: tuple[str, ...] = ("Safe", "Unsafe", "A", "B", "C", "D", "NA")
+FIELDS: tuple[str, ...] = ("task", "question", "answer", "label")
+_OPTION_LINE = re.compile(r"^\s*([A-D])\s*[:.)]\s*(.+?)\s*$", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One labelled answer: the question asked, the answer given, and the class of the answer."""
+
+    task: str
+    question: str
+    answer: str
+    label: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def parse_options(question: str) -> dict[str, str]:
+    """Letter -> option text of a question laid out one option a line, "A: x \\nB: y ..." (the
+    protocol's option_str); empty when the question has no such lines."""
+    return {m.group(1): m.group(2) for m in _OPTION_LINE.finditer(question)}
+
+
+def check_task(task: str) -> str:
+    if task not in TASK_LABELS:
+        raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+    return task
+
+
+def validate_record(row: object, where: str) -> Record:
+    """A `Record` from a parsed JSON value, or ValueError naming `where` (file:line) and the field."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for name in FIELDS:
+        if name not in row:
+            raise ValueError(f"{where}: missing field {name!r} (a record needs {list(FIELDS)})")
+        if not isinstance(row[name], str):
+            raise ValueError(f"{where}: field {name!r} must be a string, got {type(row[name]).__name__}")
+    task = row["task"]
+    if task not in TASK_LABELS:
+        raise ValueError(f"{where}: field 'task': unknown task {task!r}; expected one of {list(TASKS)}")
+    if row["label"] not in TASK_LABELS[task]:
+        raise ValueError(f"{where}: field 'label': {row['label']!r} is not a {task} label "
+                         f"{list(TASK_LABELS[task])}")
+    return Record(task=task, question=row["question"], answer=row["answer"], label=row["label"])
+
+
+def read_jsonl(path: str | Path) -> list[Record]:
+    """All records of a JSONL file (blank lines skipped); any malformed line is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier data file not found: {path}")
+    records: list[Record] = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            records.append(validate_record(row, f"{path}:{lineno}"))
+    if not records:
+        raise ValueError(f"{path}: no records (expected JSON lines with fields {list(FIELDS)})")
+    return records
+
+
+def write_jsonl(records: Iterable[Record], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
+    return path
