@@ -274,3 +274,26 @@ def test_stage_configs_from_a_run_yaml():
     # the pipeline's way: a parsed section plus the run's shared settings
     cfg = stage_config("stage1", Stage1Section(), run_dir="runs/x", seed=3, model=ModelSpec("tiny-next"), safety=SAFETY)
     assert (cfg.run_dir, cfg.seed, cfg.model.path, cfg.safety) == (str(Path("runs/x/stage1")), 3, "tiny-next", SAFETY)
+
+
+def test_a_lone_process_whose_port_was_taken_picks_another(tmp_path):
+    """Two runs side by side: the port a lone run picked is bound by someone else before its store
+    starts. The run must move to another port, not fail (a real socket holds the first port)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "lone.py"
+    script.write_text(
+        "import os, socket, torch.distributed as dist\n"
+        "import training.engine as engine\n"
+        "held = socket.socket(); held.bind(('127.0.0.1', 0)); held.listen()\n"
+        "ports = iter([held.getsockname()[1], engine._free_port()])\n"
+        "engine._free_port = lambda: next(ports)\n"
+        "rank, world = engine.init_distributed()\n"
+        "print(rank, world, os.environ['MASTER_PORT'] != str(held.getsockname()[1]))\n")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")}
+    proc = subprocess.run([sys.executable, str(script)], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "0 1 True"

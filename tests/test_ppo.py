@@ -219,6 +219,23 @@ def test_reward_values_are_the_classifiers_log_prob_and_prob_of_the_label(setup)
         classifier_reward_fn(setup["classifier"], kind="margin")
 
 
+def test_reward_function_trains_a_plain_model_with_trls_grpo(setup, tmp_path, capsys):
+    """The README's example: the classifier reward as a TRL reward function, two real GRPO steps on the
+    tiny Llama (no safety modules), rewards logged by TRL itself."""
+    import importlib.util
+
+    pytest.importorskip("trl")
+    spec = importlib.util.spec_from_file_location("trl_grpo_reward", REPO / "examples" / "trl_grpo_reward.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    reward = classifier_reward_fn(setup["classifier"])
+    example.demonstrate(reward)                      # plain strings and TRL's conversational format agree
+    example.train_grpo(reward, tmp_path / "grpo", steps=2)
+    logged = capsys.readouterr().out.split("rewards per step:")[-1]
+    rewards = json.loads(logged.strip())
+    assert len(rewards) == 2 and all(math.isfinite(r) and r <= 0.0 for r in rewards)
+
+
 def test_whitening_over_processes_and_balanced_batches():
     x = torch.tensor([[1.0, 2.0, 0.0], [4.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])

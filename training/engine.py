@@ -59,14 +59,26 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
     import deepspeed.ops
 
+    own_port = False
     if "RANK" not in os.environ:            # not launched by torchrun / deepspeed: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        own_port = "MASTER_PORT" not in os.environ
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not torch.cuda.is_available():
         # Plain gloo collectives on CPU: DeepSpeed would otherwise JIT-compile a shared-memory op.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        # A port we picked ourselves can be taken by another process before the store binds it
+        # (seen with two runs side by side): pick another, a few times, rather than fail the run.
+        attempts = 5 if own_port else 1
+        for attempt in range(attempts):
+            try:
+                deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+                break
+            except dist.DistNetworkError:
+                if attempt == attempts - 1:
+                    raise
+                os.environ["MASTER_PORT"] = str(_free_port())
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
