@@ -208,6 +208,13 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, only: list[str] | Non
                  log: Callable[[str], None] = print) -> dict[str, dict]:
     """Run every stage not yet done (all with `force`); returns each stage's summary."""
     known = [s.name for s in STAGES]
+    from safety_modules.loading import TINY_SPECS
+    if cfg.model.path not in TINY_SPECS:
+        # Stage 0 pretrains a tiny model on the concept world; a real checkpoint needs real data and
+        # a GPU path that has not been proven yet. Fail before anything runs, naming what to do.
+        raise ConfigError(f"model.path: `safevlm run` drives the tiny models ({sorted(TINY_SPECS)}) end to end; for "
+                          f"{cfg.model.path!r} run the stages one by one (safevlm train stage1/stage2, safevlm ppo, "
+                          "safevlm sft/dpo, safevlm eval) with your data; see README, 'Plugging in real data'")
     if only and not set(only) <= set(known):
         raise ConfigError(f"--only: unknown stage(s) {sorted(set(only) - set(known))}; stages: {known}")
     run_dir = cfg.root

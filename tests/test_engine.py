@@ -297,3 +297,21 @@ def test_a_lone_process_whose_port_was_taken_picks_another(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "0 1 True"
+
+
+def test_a_subprocess_of_a_lone_run_starts_its_own_group():
+    """The pipeline test's situation: this process holds a group of one (its store listens on the
+    port in MASTER_PORT), and a `safevlm` subprocess inherits RANK/WORLD_SIZE/MASTER_PORT. The child
+    must not take them for a launcher's and bind the parent's port."""
+    import os
+    import subprocess
+    import sys
+
+    from training.engine import init_distributed
+
+    assert init_distributed() == (0, 1)
+    script = "import training.engine as e; print(*e.init_distributed())"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=dict(os.environ),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "0 1"

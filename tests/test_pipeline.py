@@ -121,3 +121,5 @@ def test_unknown_stage_and_bad_key_are_clear_errors(tmp_path: Path):
     assert proc.returncode == 2 and "nosuchstage" in proc.stderr
     proc = _run(tmp_path / "y", "stage1.train.lrr=1")
     assert proc.returncode == 2 and "lrr" in proc.stderr
+    proc = _run(tmp_path / "z", "model.path=/no/such/llava-1.5-7b-hf")
+    assert proc.returncode == 2 and "model.path" in proc.stderr and not (tmp_path / "z").exists()

@@ -54,16 +54,29 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The port a lone process picked for its group of one; a process that inherits it (a subprocess of a
+# lone run: the pipeline test, a notebook that trained and then launches `safevlm`) is lone too.
+LONE_PORT_ENV = "SAFEVLM_LONE_PORT"
+
+
 def init_distributed() -> tuple[int, int]:
-    """Join (or, for a lone process, create) the process group; returns (rank, world size)."""
+    """Join (or, for a lone process, create) the process group; returns (rank, world size).
+
+    A lone process sets the launcher's variables itself (RANK=0, WORLD_SIZE=1, a free port). Its
+    subprocesses inherit them; without the `SAFEVLM_LONE_PORT` mark they would take that env for a
+    launcher's and try to bind the parent's port (EADDRINUSE). So a process whose MASTER_PORT is the
+    marked one picks its own port.
+    """
     import deepspeed
     import deepspeed.ops
 
+    inherited = os.environ.get(LONE_PORT_ENV) is not None and os.environ.get(LONE_PORT_ENV) == os.environ.get("MASTER_PORT")
     own_port = False
-    if "RANK" not in os.environ:            # not launched by torchrun / deepspeed: a group of one
+    if "RANK" not in os.environ or inherited:   # not launched by torchrun / deepspeed: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        own_port = "MASTER_PORT" not in os.environ
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        own_port = "MASTER_PORT" not in os.environ or inherited
+        if own_port:
+            os.environ["MASTER_PORT"] = os.environ[LONE_PORT_ENV] = str(_free_port())
     if not torch.cuda.is_available():
         # Plain gloo collectives on CPU: DeepSpeed would otherwise JIT-compile a shared-memory op.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -78,10 +91,18 @@ def init_distributed() -> tuple[int, int]:
             except dist.DistNetworkError:
                 if attempt == attempts - 1:
                     raise
-                os.environ["MASTER_PORT"] = str(_free_port())
+                os.environ["MASTER_PORT"] = os.environ[LONE_PORT_ENV] = str(_free_port())
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines of a metrics JSONL logged after `step` (a resumed run logs those steps again)."""
+    if is_main() and path.is_file():
+        lines = path.read_text().splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        path.write_text("".join(ln + "\n" for ln in kept))
 
 
 def is_main() -> bool:
@@ -288,11 +309,7 @@ class Trainer:
         return self.run_dir / "metrics.jsonl"
 
     def _truncate_metrics(self) -> None:
-        """Drop metric lines of steps after the resumed checkpoint (they will be logged again)."""
-        if is_main() and self.metrics_path.is_file():
-            lines = self.metrics_path.read_text().splitlines()
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        truncate_metrics(self.metrics_path, self.step)
 
     def _writer(self):
         try:

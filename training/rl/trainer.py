@@ -43,7 +43,8 @@ from safety_modules.images import MAX_IMAGE_PIXELS, load_image
 from safety_modules.prompting import build_prompt
 from training import checkpoint as ckpt
 from training.config import TrainConfig
-from training.engine import TrainingDiverged, all_reduce, deepspeed_config, init_distributed, is_main, lr_schedule, use_bf16
+from training.engine import (TrainingDiverged, all_reduce, deepspeed_config, init_distributed, is_main, lr_schedule,
+                             truncate_metrics, use_bf16)
 from training.rl.losses import (AdaptiveKLController, entropy_from_logits, gae, kl_estimate, masked_mean, policy_loss,
                                 token_logprobs, token_rewards, value_loss)
 from training.rl.reward import ClassifierReward, classifier_task
@@ -453,10 +454,7 @@ class PPOTrainer:
         self.kl.value = state["kl_coef"]
         self.engine.global_steps = self.optimizer_steps
         self.last_checkpoint = path
-        if is_main() and self.metrics_path.is_file():    # drop lines of steps after the checkpoint
-            lines = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        truncate_metrics(self.metrics_path, self.step)
         if is_main():
             log.warning("%s: resumed from %s (step %d of %d)", self.name, path, self.step, self.total_steps)
         return True
