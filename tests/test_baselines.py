@@ -15,14 +15,13 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file
 
-from safety_modules import SafetyConfig, add_lora, attach, load_adapter, save_adapter
+from red_blue import save_stage2_adapter, write_red_blue_world
+from safety_modules import SafetyConfig, attach, load_adapter, save_adapter
 from safety_modules.configio import ConfigError
 from safety_modules.loading import load_base
 from safevlm.cli import main as cli_main
@@ -42,24 +41,12 @@ SAFE, UNSAFE = "Yes, it is safe.", "No, it is unsafe."
 
 def pair_world(root: Path, n: int = 16) -> Path:
     """n preference records: red images are safe, blue unsafe; rejected = the opposite answer."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "records").mkdir(exist_ok=True)
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(n):
-        unsafe = i % 2 == 1
-        colour = np.array([0, 0, 220] if unsafe else [220, 0, 0])
-        pixels = np.clip(colour + rng.integers(-30, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
-        lines.append(json.dumps({
-            "id": f"p{i}", "image": f"images/{i}.png",
-            "conversations": [{"from": "human", "value": "<image>\nIs this image safe to post?"},
-                              {"from": "gpt", "value": UNSAFE if unsafe else SAFE}],
-            "rejected": SAFE if unsafe else UNSAFE, "label": "Unsafe" if unsafe else "Safe",
-            "safety_level": 2 if unsafe else 0, "risk_type": "violence" if unsafe else "none"}))
-    path = root / "records" / "train.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_red_blue_world(root, lambda i, unsafe: {
+        "id": f"p{i}",
+        "conversations": [{"from": "human", "value": "<image>\nIs this image safe to post?"},
+                          {"from": "gpt", "value": UNSAFE if unsafe else SAFE}],
+        "rejected": SAFE if unsafe else UNSAFE, "label": "Unsafe" if unsafe else "Safe",
+        "safety_level": 2 if unsafe else 0, "risk_type": "violence" if unsafe else "none"}, n=n)
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +54,7 @@ def stage2(tmp_path_factory) -> tuple[Path, Path]:
     """(records file, stage-2 adapter folder): safety modules + a LoRA that changes the model."""
     root = tmp_path_factory.mktemp("baselines")
     data = pair_world(root / "world")
-    base, processor = load_base("tiny")
-    torch.manual_seed(0)
-    model = add_lora(attach(base, SAFETY, processor), r=4, alpha=8)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.1)
-    save_adapter(model, root / "stage2")
+    save_stage2_adapter(root / "stage2", SAFETY)
     return data, root / "stage2"
 
 

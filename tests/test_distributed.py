@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
+from red_blue import write_red_blue_world
 from safety_modules import SafetyConfig, attach, save_adapter
 from safety_modules.loading import load_base
 from training.checkpoint import latest_checkpoint
@@ -41,23 +41,11 @@ ADAPTER_FILES = ("safety_adapter.safetensors", "adapter_model.safetensors")
 
 
 def red_blue_world(root: Path, n: int = 8) -> Path:
-    (root / "images").mkdir(parents=True)
-    (root / "records").mkdir()
-    rng = np.random.default_rng(1)
-    lines = []
-    for i in range(n):
-        unsafe = i % 2 == 1
-        pixels = np.clip(np.array([0, 0, 220] if unsafe else [220, 0, 0]) + rng.integers(-30, 30, (32, 32, 3)),
-                         0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
-        answer = "No, it shows a weapon and is unsafe." if unsafe else "Yes, it is safe to post."
-        lines.append(json.dumps({"id": f"r{i}", "image": f"images/{i}.png", "safety_level": 2 if unsafe else 0,
-                                 "risk_type": "violence" if unsafe else "none",
-                                 "conversations": [{"from": "human", "value": f"<image>\nQuestion {i}: is it safe?"},
-                                                   {"from": "gpt", "value": answer}]}))
-    path = root / "records" / "stage2.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_red_blue_world(root, lambda i, unsafe: {
+        "id": f"r{i}", "safety_level": 2 if unsafe else 0, "risk_type": "violence" if unsafe else "none",
+        "conversations": [{"from": "human", "value": f"<image>\nQuestion {i}: is it safe?"},
+                          {"from": "gpt", "value": "No, it shows a weapon and is unsafe." if unsafe
+                           else "Yes, it is safe to post."}]}, n=n, seed=1, file_name="stage2.jsonl")
 
 
 @pytest.fixture(scope="module")

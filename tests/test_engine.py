@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
+from red_blue import write_red_blue_world
 from safety_modules import SafetyConfig, attach, save_adapter
 from safety_modules.configio import ConfigError
 from safety_modules.loading import load_base
@@ -40,23 +40,11 @@ SAFETY = SafetyConfig(num_safety_tokens=4, num_queries=4, projector_depth=1)
 
 def red_blue_world(root: Path, n: int = 16, bad_lines: tuple[str, ...] = ()) -> Path:
     """n records: red images are safe (level 0), blue ones unsafe (level 2, violence). Returns the file."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "records").mkdir(exist_ok=True)
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(n):
-        unsafe = i % 2 == 1
-        colour = np.array([0, 0, 220] if unsafe else [220, 0, 0])
-        pixels = np.clip(colour + rng.integers(-30, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
-        lines.append(json.dumps({
-            "id": f"r{i}", "image": f"images/{i}.png",
-            "conversations": [{"from": "human", "value": "<image>\nIs this image safe to post?"},
-                              {"from": "gpt", "value": "No, it is unsafe." if unsafe else "Yes, it is safe."}],
-            "safety_level": 2 if unsafe else 0, "risk_type": "violence" if unsafe else "none"}))
-    path = root / "records" / "train.jsonl"
-    path.write_text("\n".join(lines + list(bad_lines)) + "\n")
-    return path
+    return write_red_blue_world(root, lambda i, unsafe: {
+        "id": f"r{i}",
+        "conversations": [{"from": "human", "value": "<image>\nIs this image safe to post?"},
+                          {"from": "gpt", "value": "No, it is unsafe." if unsafe else "Yes, it is safe."}],
+        "safety_level": 2 if unsafe else 0, "risk_type": "violence" if unsafe else "none"}, n=n, extra_lines=bad_lines)
 
 
 def train_cfg(**kw) -> TrainConfig:

@@ -29,15 +29,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from safety_modules import SafetyConfig, add_lora, attach, load_adapter, save_adapter
+from red_blue import save_stage2_adapter, write_red_blue_world
+from safety_modules import SafetyConfig, attach, load_adapter
 from safety_modules.loading import load_base
 from safevlm.cli import main as cli_main
 from training.config import DataConfig, ModelSpec, TrainConfig
@@ -54,23 +53,11 @@ QUESTION = "Is this image safe to post?"
 
 def prompt_world(root: Path, n: int = 16) -> Path:
     """n PPO records (human turn + label): red images safe, blue unsafe."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "records").mkdir(exist_ok=True)
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(n):
-        unsafe = i % 2 == 1
-        colour = np.array([0, 0, 220] if unsafe else [220, 0, 0])
-        Image.fromarray(np.clip(colour + rng.integers(-30, 30, (32, 32, 3)), 0, 255).astype(np.uint8)).save(
-            root / "images" / f"{i}.png")
-        lines.append(json.dumps({
-            "id": f"ppo-{i}", "image": f"images/{i}.png",
-            "conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"}],
-            "label": "Unsafe" if unsafe else "Safe", "task": "alignment",
-            "safety_level": 2 if unsafe else 0, "risk_type": "violence" if unsafe else "none"}))
-    path = root / "records" / "ppo.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_red_blue_world(root, lambda i, unsafe: {
+        "id": f"ppo-{i}",
+        "conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"}],
+        "label": "Unsafe" if unsafe else "Safe", "task": "alignment",
+        "safety_level": 2 if unsafe else 0, "risk_type": "violence" if unsafe else "none"}, n=n, file_name="ppo.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +67,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("ppo")
     data = prompt_world(root / "world")
-    base, processor = load_base("tiny")
-    torch.manual_seed(0)
-    model = add_lora(attach(base, SAFETY, processor), r=4, alpha=8)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.1)
-    save_adapter(model, root / "stage2")
+    save_stage2_adapter(root / "stage2", SAFETY)
     records = [r for r in generate("a", 64, 0, "train") if r.task == "alignment"]
     heldout = [r for r in generate("a", 8, 0, "heldout") if r.task == "alignment"]
     train_classifier(ClassifierTrainConfig(epochs=1, batch_size=16, lr=1e-3), train_records=records,
