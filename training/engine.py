@@ -105,6 +105,19 @@ def truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in kept))
 
 
+def load_latest_checkpoint(run_dir: Path, name: str, module, optimizer, scheduler,
+                           layout: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
+    """`--resume`: the latest checkpoint of `run_dir` loaded into module/optimizer/scheduler (its
+    layout checked against `layout`), as (path, saved state); None, with a warning, when there is none.
+    Shared by the stage trainer and the PPO trainer, which restore their own counters from the state."""
+    path = ckpt.latest_checkpoint(run_dir)
+    if path is None:
+        if is_main():
+            log.warning("%s: --resume: no checkpoint in %s, starting from step 0", name, run_dir)
+        return None
+    return path, ckpt.load_checkpoint(path, module, optimizer, scheduler, layout)
+
+
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -288,12 +301,11 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the latest checkpoint of run_dir, if any; True when one was loaded."""
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
-            if is_main():
-                log.warning("%s: --resume: no checkpoint in %s, starting from step 0", self.name, self.run_dir)
+        loaded = load_latest_checkpoint(self.run_dir, self.name, self.engine.module, self.optimizer, self.scheduler,
+                                        self._layout())
+        if loaded is None:
             return False
-        state = ckpt.load_checkpoint(path, self.engine.module, self.optimizer, self.scheduler, self._layout())
+        path, state = loaded
         self.step = state["step"]
         self.engine.global_steps = self.step
         self.engine.global_samples = self.step * self.global_batch

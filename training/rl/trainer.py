@@ -43,8 +43,8 @@ from safety_modules.images import MAX_IMAGE_PIXELS, load_image
 from safety_modules.prompting import build_prompt
 from training import checkpoint as ckpt
 from training.config import TrainConfig
-from training.engine import (TrainingDiverged, all_reduce, deepspeed_config, init_distributed, is_main, lr_schedule,
-                             truncate_metrics, use_bf16)
+from training.engine import (TrainingDiverged, all_reduce, deepspeed_config, init_distributed, is_main,
+                             load_latest_checkpoint, lr_schedule, truncate_metrics, use_bf16)
 from training.rl.losses import (AdaptiveKLController, entropy_from_logits, gae, kl_estimate, masked_mean, policy_loss,
                                 token_logprobs, token_rewards, value_loss)
 from training.rl.reward import ClassifierReward, classifier_task
@@ -443,12 +443,11 @@ class PPOTrainer:
 
     def resume(self) -> bool:
         """Load the latest checkpoint of run_dir, if any (weights, optimizer, schedule, RNG, KL coefficient)."""
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
-            if is_main():
-                log.warning("%s: --resume: no checkpoint in %s, starting from step 0", self.name, self.run_dir)
+        loaded = load_latest_checkpoint(self.run_dir, self.name, self.engine.module, self.optimizer, self.scheduler,
+                                        self._layout())
+        if loaded is None:
             return False
-        state = ckpt.load_checkpoint(path, self.engine.module, self.optimizer, self.scheduler, self._layout())
+        path, state = loaded
         self.step = state["step"]
         self.optimizer_steps = state["optimizer_steps"]
         self.kl.value = state["kl_coef"]
