@@ -46,32 +46,11 @@ def tiny_model():
 
 def llava7b_model(device: str):
     """LLaVA-1.5-7B shape (CLIP ViT-L/14-336 + Llama-7B), random bf16 weights, the paper's modules."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from random_llava import random_llava, safety_config
 
-    from safety_modules.tiny import LLAVA_CHAT_TEMPLATE, build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()  # offline; ids < its size are valid in the 32064-token vocabulary
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)
-    with torch.device(device):
-        base = LlavaForConditionalGeneration(config).to(torch.bfloat16)
-    base.eval()
-    base.generation_config.pad_token_id = tokenizer.pad_token_id
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE)
-    model = attach(base, SafetyConfig(), processor)  # 64 safety tokens, 576 queries, C-Abstractor depth 3
-    return model, 336
+    base, processor = random_llava("llava-1.5-7b", device)
+    return attach(base, safety_config("llava-1.5-7b"), processor), 336
 
 
 def make_items(n: int, size: int, folder: Path, seed: int = 0) -> list[EvalItem]:

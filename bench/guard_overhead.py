@@ -42,41 +42,11 @@ NEW_TOKENS = 64
 
 
 def build_7b(device: str):
-    """A LLaVA-1.5-7B-shaped model with random bf16 weights, and a processor on the tiny tokenizer.
+    """A LLaVA-1.5-7B-shaped model with random bf16 weights, its processor and the paper's modules."""
+    from random_llava import random_llava, safety_config
 
-    The tokenizer only has to give ids below the vocabulary size; widths, depths and the 576 image
-    tokens per image are those of llava-1.5-7b.
-    """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    from safety_modules.tiny import LLAVA_CHAT_TEMPLATE, build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         projector_hidden_act="gelu")
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
-    model.eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    cfg = SafetyConfig(num_safety_tokens=64, projector="c-abstractor", projector_depth=3, projector_mlp_depth=2,
-                       num_queries=576)
-    return model, processor, cfg
+    model, processor = random_llava("llava-1.5-7b", device)
+    return model, processor, safety_config("llava-1.5-7b")
 
 
 def build(shape: str, device: str):

@@ -68,51 +68,16 @@ QUESTION = "Is this image safe for viewing on social media?"
 # -- models ------------------------------------------------------------------------------------------
 def build_base(shape: str, device: str, dtype: torch.dtype):
     """(base LLaVA, processor, SafetyConfig, LoRA rank) for `shape`, random weights on `device`."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
+    from random_llava import lora_rank, random_llava, safety_config
     from safety_modules import SafetyConfig
-    from safety_modules.tiny import LLAVA_CHAT_TEMPLATE, build_tiny_llava, build_tiny_tokenizer
+    from safety_modules.tiny import build_tiny_llava
 
     if shape == "tiny":
         model, processor = build_tiny_llava(seed=0)
         cfg = SafetyConfig(num_safety_tokens=4, num_queries=4, projector_depth=1)
         return model.to(device, dtype), processor, cfg, 4
-    sizes = {  # vision (hidden, layers, heads, image, patch), text (hidden, layers, heads, mlp), safety, lora r
-        "small": ((512, 6, 8, 224, 32), (1024, 8, 16, 2816), (16, 49, 1, 2), 16),
-        "1b": ((768, 12, 12, 224, 32), (2048, 16, 16, 5632), (16, 49, 2, 2), 64),
-        "llava-1.5-7b": ((1024, 24, 16, 336, 14), (4096, 32, 32, 11008), (64, 576, 3, 2), 256),
-    }[shape]
-    (v_hidden, v_layers, v_heads, image, patch), (t_hidden, t_layers, t_heads, t_mlp), safety, lora_r = sizes
-    tokenizer = build_tiny_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=v_hidden, intermediate_size=4 * v_hidden, num_hidden_layers=v_layers,
-                              num_attention_heads=v_heads, image_size=image, patch_size=patch,
-                              projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(hidden_size=t_hidden, intermediate_size=t_mlp, num_hidden_layers=t_layers,
-                       num_attention_heads=t_heads, num_key_value_heads=t_heads, vocab_size=32064,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)          # built in its dtype: no fp32 copy of 7B on the way
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config).to(dtype)
-    finally:
-        torch.set_default_dtype(previous)
-    model.eval()
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        setattr(model.generation_config, key, getattr(tokenizer, key))
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(size={"shortest_edge": image}, crop_size={"height": image, "width": image}),
-        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
-    tokens, queries, depth, mlp_depth = safety
-    cfg = SafetyConfig(num_safety_tokens=tokens, projector="c-abstractor", projector_depth=depth,
-                       projector_mlp_depth=mlp_depth, num_queries=queries)
-    return model, processor, cfg, lora_r
+    model, processor = random_llava(shape, device, dtype)
+    return model, processor, safety_config(shape), lora_rank(shape)
 
 
 def build_reward_model(shape: str, device: str, dtype: torch.dtype):
