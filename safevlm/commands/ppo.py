@@ -10,9 +10,9 @@ for ZeRO-3. Recipe and settings: training/recipes/ppo.py.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
+
+from safevlm.commands import run_training
 
 
 def register(subparsers) -> None:
@@ -28,16 +28,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.engine import TrainingDiverged, is_main
     from training.recipes.ppo import load_ppo_config, run_ppo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_ppo_config(args.config, args.overrides)
-    try:
-        summary = run_ppo(cfg, resume=args.resume)
-    except TrainingDiverged as exc:        # not bad input, but one clear line all the same
-        print(f"safevlm ppo: error: {exc}", file=sys.stderr)
-        return 3
-    if is_main():
-        print(json.dumps(summary, indent=2))
-    return 0
+    return run_training("ppo", lambda: run_ppo(cfg, resume=args.resume))

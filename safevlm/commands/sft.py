@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
-import sys
+
+from safevlm.commands import run_training
 
 # baseline -> (recipe module, config class, run function, help)
 BASELINES = {
@@ -47,7 +47,6 @@ def register(subparsers) -> None:
 
 
 def run_baseline(args: argparse.Namespace) -> int:
-    from training.engine import TrainingDiverged, is_main
     from training.recipes.baselines import load_baseline_config, parse_sweep, sweep
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -55,14 +54,7 @@ def run_baseline(args: argparse.Namespace) -> int:
     module = importlib.import_module(module_name)
     cfg = load_baseline_config(args.baseline, getattr(module, cls_name), args.config, args.overrides)
     run = getattr(module, func_name)
-    try:
-        if args.sweep:
-            summary = sweep(run, cfg, parse_sweep(args.sweep), module.SWEEP_METRICS, resume=args.resume)
-        else:
-            summary = run(cfg, resume=args.resume)
-    except TrainingDiverged as exc:        # not bad input, but one clear line all the same
-        print(f"safevlm {args.baseline}: error: {exc}", file=sys.stderr)
-        return 3
-    if is_main():
-        print(json.dumps(summary, indent=2))
-    return 0
+    if args.sweep:
+        grid = parse_sweep(args.sweep)
+        return run_training(args.baseline, lambda: sweep(run, cfg, grid, module.SWEEP_METRICS, resume=args.resume))
+    return run_training(args.baseline, lambda: run(cfg, resume=args.resume))

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
+
+from safevlm.commands import run_training
 
 STAGES = ("stage0", "stage1", "stage2")
 
@@ -32,20 +33,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from training.config import load_stage_config
-    from training.engine import TrainingDiverged, is_main
     from training.recipes import RECIPES
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_stage_config(args.stage, args.config, args.overrides)
     module, func = RECIPES[args.stage].split(":")
-    try:
-        summary = getattr(importlib.import_module(module), func)(cfg, resume=args.resume)
-    except TrainingDiverged as exc:        # not bad input, but one clear line all the same
-        print(f"safevlm train: error: {exc}", file=sys.stderr)
-        return 3
-    if is_main():
-        print(json.dumps(summary, indent=2))
-    return 0
+    return run_training("train", lambda: getattr(importlib.import_module(module), func)(cfg, resume=args.resume))
