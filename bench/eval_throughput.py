@@ -46,7 +46,7 @@ def tiny_model():
 
 def llava7b_model(device: str):
     """LLaVA-1.5-7B shape (CLIP ViT-L/14-336 + Llama-7B), random bf16 weights, the paper's modules."""
-    from random_llava import random_llava, safety_config
+    from safety_modules.shapes import random_llava, safety_config
 
     torch.manual_seed(0)
     base, processor = random_llava("llava-1.5-7b", device)

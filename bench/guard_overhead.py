@@ -43,7 +43,7 @@ NEW_TOKENS = 64
 
 def build_7b(device: str):
     """A LLaVA-1.5-7B-shaped model with random bf16 weights, its processor and the paper's modules."""
-    from random_llava import random_llava, safety_config
+    from safety_modules.shapes import random_llava, safety_config
 
     model, processor = random_llava("llava-1.5-7b", device)
     return model, processor, safety_config("llava-1.5-7b")

@@ -68,7 +68,7 @@ QUESTION = "Is this image safe for viewing on social media?"
 # -- models ------------------------------------------------------------------------------------------
 def build_base(shape: str, device: str, dtype: torch.dtype):
     """(base LLaVA, processor, SafetyConfig, LoRA rank) for `shape`, random weights on `device`."""
-    from random_llava import lora_rank, random_llava, safety_config
+    from safety_modules.shapes import lora_rank, random_llava, safety_config
     from safety_modules import SafetyConfig
     from safety_modules.tiny import build_tiny_llava
 

@@ -178,8 +178,8 @@ def run_cpu(args) -> dict:
 
 # -- GPU: LLaVA-1.5-7B shape ---------------------------------------------------------------------
 def llava_7b(device: str):
-    """LLaVA-1.5-7B shapes with random bf16 weights, frozen, and its processor (bench/random_llava.py)."""
-    from random_llava import random_llava
+    """LLaVA-1.5-7B shapes with random bf16 weights, frozen, and its processor (safety_modules/shapes.py)."""
+    from safety_modules.shapes import random_llava
 
     model, processor = random_llava("llava-1.5-7b", device)
     model.train()                                 # as a freshly built model: gradient checkpointing acts in train mode

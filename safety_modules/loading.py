@@ -1,16 +1,32 @@
-"""Load a base VLM and its processor from a local folder, or build the tiny one.
+"""Load a base VLM and its processor from a local folder, or build one from a config.
 
 Why local only: nothing in tests or the default run may download from a hub. A model spec is
-`tiny` (tiny LLaVA), `tiny-next` (tiny LLaVA-NeXT) or a folder written by `save_pretrained`.
+`tiny` (tiny LLaVA), `tiny-next` (tiny LLaVA-NeXT), `shape:NAME` (random weights of a real model's
+shape, e.g. `shape:llava-1.5-7b`, see safety_modules/shapes.py) or a folder written by
+`save_pretrained`.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 TINY_SPECS = {"tiny": "llava", "tiny-next": "llava_next"}
+SHAPE_PREFIX = "shape:"
+
+
+def is_built_spec(spec: str) -> bool:
+    """True for specs built from a config in memory (tiny, shape:NAME), not read from a folder."""
+    return spec in TINY_SPECS or spec.startswith(SHAPE_PREFIX)
+
+
+def _shape_device() -> str:
+    """Random 7B weights are drawn on this process's GPU (no 14 GB CPU copy per rank), else on CPU."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    return "cpu"
 
 
 def load_base(spec: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
@@ -19,10 +35,16 @@ def load_base(spec: str, dtype: torch.dtype | None = None, device: str | torch.d
     if spec in TINY_SPECS:
         from safety_modules.tiny import build_tiny_llava
         model, processor = build_tiny_llava(seed=seed, family=TINY_SPECS[spec], **tiny_sizes)
+    elif spec.startswith(SHAPE_PREFIX):
+        from safety_modules.shapes import random_llava
+        build_device = device or _shape_device()
+        build_dtype = dtype or (torch.bfloat16 if str(build_device).startswith("cuda") else torch.float32)
+        model, processor = random_llava(spec[len(SHAPE_PREFIX):], build_device, build_dtype, seed=seed)
     else:
         path = Path(spec)
         if not path.is_dir():
-            raise FileNotFoundError(f"model {spec!r}: not a local folder and not one of {sorted(TINY_SPECS)} "
+            raise FileNotFoundError(f"model {spec!r}: not a local folder, not one of {sorted(TINY_SPECS)} and not "
+                                    f"{SHAPE_PREFIX}NAME "
                                     "(download checkpoints yourself; nothing is fetched from a hub)")
         from transformers import AutoModelForImageTextToText, AutoProcessor
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto", local_files_only=True)

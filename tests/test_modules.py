@@ -246,3 +246,27 @@ def test_image_placeholders_without_pixels_is_an_error(tiny_builder, make_image)
     batch.pop("pixel_values")
     with pytest.raises(ValueError, match="no pixel_values"):
         model(**batch, run_head=False)
+
+
+def test_shape_specs_build_the_shape_with_seeded_random_weights(make_image):
+    """`model.path: shape:NAME` (the 7B proof, the benchmarks): the named widths and depths, the same
+    weights for the same seed (every rank of a run builds the same model), others for another seed,
+    and a clear error for an unknown shape."""
+    from safety_modules.loading import load_base
+    from safety_modules.shapes import SHAPES
+
+    one, processor = load_base("shape:small", seed=3)
+    (v_hidden, v_layers, _, image, patch), (t_hidden, t_layers, _, _), _, _ = SHAPES["small"]
+    assert (one.config.vision_config.hidden_size, one.config.vision_config.num_hidden_layers) == (v_hidden, v_layers)
+    assert (one.config.text_config.hidden_size, one.config.text_config.num_hidden_layers) == (t_hidden, t_layers)
+    assert next(one.parameters()).dtype == torch.float32            # fp32 on CPU, bf16 on a GPU
+    batch = processor(images=[make_image(size=(image, image))], text=["USER: <image>\nHi ASSISTANT:"], return_tensors="pt")
+    assert int((batch["input_ids"] == one.config.image_token_id).sum()) == (image // patch) ** 2
+    probe = "model.language_model.layers.0.self_attn.q_proj.weight"
+    same, _ = load_base("shape:small", seed=3)
+    other, _ = load_base("shape:small", seed=4)
+    weights = dict(one.named_parameters())[probe]
+    assert torch.equal(weights, dict(same.named_parameters())[probe])
+    assert not torch.equal(weights, dict(other.named_parameters())[probe])
+    with pytest.raises(ValueError, match=r"model shape: expected one of .*'llava-1.5-7b'"):
+        load_base("shape:llava-13b")

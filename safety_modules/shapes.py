@@ -1,4 +1,9 @@
-"""LLaVA-shaped models with random weights for the benchmarks (nothing downloaded), one builder.
+"""LLaVA-shaped models with random weights (nothing downloaded): `model.path: shape:NAME`.
+
+Why: proving a recipe at 7B scale (memory, step time, every stage running) needs a model of that
+shape, not its weights; a download of 14 GB is neither possible offline nor needed for that. The
+benchmarks and the pipeline (`safevlm run ... model.path=shape:llava-1.5-7b`) build their models
+here. Weights are drawn from `seed`, so every process of a multi-GPU run builds the same model.
 
 Shapes: `llava-1.5-7b` (CLIP ViT-L/14-336 + Llama-7B, untied head, quick-GELU vision tower, and the
 paper's safety modules: 64 safety tokens, 576 queries, C-Abstractor depth 3, MLP depth 2, stage-2
@@ -22,16 +27,16 @@ SHAPES = {
 }
 
 
-def random_llava(shape: str, device: str | torch.device, dtype: torch.dtype = torch.bfloat16):
+def random_llava(shape: str, device: str | torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
     """(LlavaForConditionalGeneration in eval mode, LlavaProcessor) of `shape`, random weights in
-    `dtype` built directly on `device` (no fp32 copy of a 7B model on the way)."""
+    `dtype` drawn from `seed` and built directly on `device` (no fp32 copy of a 7B model on the way)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from safety_modules.tiny import LLAVA_CHAT_TEMPLATE, build_tiny_tokenizer
 
     if shape not in SHAPES:
-        raise ValueError(f"shape: expected one of {sorted(SHAPES)}, got {shape!r}")
+        raise ValueError(f"model shape: expected one of {sorted(SHAPES)}, got {shape!r}")
     (v_hidden, v_layers, v_heads, image, patch), (t_hidden, t_layers, t_heads, t_mlp), _, _ = SHAPES[shape]
     tokenizer = build_tiny_tokenizer()
     vision = CLIPVisionConfig(hidden_size=v_hidden, intermediate_size=4 * v_hidden, num_hidden_layers=v_layers,
@@ -44,6 +49,9 @@ def random_llava(shape: str, device: str | torch.device, dtype: torch.dtype = to
                        tie_word_embeddings=False)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                          vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    torch.manual_seed(seed)
+    if str(device).startswith("cuda"):
+        torch.cuda.manual_seed_all(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
