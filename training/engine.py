@@ -97,6 +97,15 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def leave_distributed() -> None:
+    """End a multi-process run cleanly: wait for every rank, then tear the group down. A process that
+    exits with the group alive can abort its peer at exit ("terminate called without an active
+    exception", seen with gloo about one run in five), which the launcher reports as a failed run."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop the lines of a metrics JSONL logged after `step` (a resumed run logs those steps again)."""
     if is_main() and path.is_file():
@@ -116,6 +125,15 @@ def load_latest_checkpoint(run_dir: Path, name: str, module, optimizer, schedule
             log.warning("%s: --resume: no checkpoint in %s, starting from step 0", name, run_dir)
         return None
     return path, ckpt.load_checkpoint(path, module, optimizer, scheduler, layout)
+
+
+def gpu_memory() -> dict[str, float]:
+    """This process's peak GPU memory so far, for metrics.jsonl (empty on CPU): the figure that tells
+    whether a recipe fits a GPU, logged at every step so a run that dies of OOM shows its trend."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"gpu_peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 3),
+            "gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 3)}
 
 
 def is_main() -> bool:
@@ -358,6 +376,7 @@ class Trainer:
                     break
                 last = self._train_step([next(batches) for _ in range(self.accumulation)], epoch)
                 last["elapsed_s"] = time.time() - started       # wall clock incl. data loading
+                last.update(gpu_memory())
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{last['samples_per_s']:.1f}")
@@ -374,7 +393,7 @@ class Trainer:
             writer.close()
         elapsed = time.time() - started
         steps = self.step - start_step
-        return {**last, "steps": self.step, "seconds": round(elapsed, 2),
+        return {**last, "steps": self.step, "seconds": round(elapsed, 2), "processes": self.world,
                 "mean_samples_per_s": steps * self.global_batch / elapsed if steps and elapsed else 0.0}
 
     def _train_step(self, micro_batches: list[dict[str, torch.Tensor]], epoch: int) -> dict[str, float]:
@@ -401,7 +420,7 @@ class Trainer:
         out = {"step": self.step + 1, "epoch": epoch, "lr": lr}
         out.update({k: float(v) for k, v in zip(names, means)})
         out.update({"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                    "tokens": int(tokens[1].item()), "samples_per_s": self.global_batch / elapsed,
+                    "tokens": int(tokens[1].item()), "step_s": elapsed, "samples_per_s": self.global_batch / elapsed,
                     "tokens_per_s": tokens[1].item() / elapsed})
         return out
 

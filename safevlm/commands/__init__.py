@@ -11,7 +11,7 @@ def run_training(command: str, train: Callable[[], dict[str, Any]]) -> int:
     """Run a training entry point for `safevlm COMMAND`: its summary printed as JSON by the main
     process, exit 0; a run stopped by a NaN/inf loss is one error line and exit 3 (not bad input,
     but no traceback either)."""
-    from training.engine import TrainingDiverged, is_main
+    from training.engine import TrainingDiverged, is_main, leave_distributed
 
     try:
         summary = train()
@@ -20,4 +20,5 @@ def run_training(command: str, train: Callable[[], dict[str, Any]]) -> int:
         return 3
     if is_main():
         print(json.dumps(summary, indent=2))
+    leave_distributed()
     return 0

@@ -44,7 +44,8 @@ from safety_modules.prompting import build_prompt
 from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.engine import (TrainingDiverged, all_reduce, deepspeed_config, init_distributed, is_main,
-                             load_latest_checkpoint, lr_schedule, truncate_metrics, use_bf16)
+                             gpu_memory, load_latest_checkpoint, lr_schedule, truncate_metrics,
+                             use_bf16)
 from training.rl.losses import (AdaptiveKLController, entropy_from_logits, gae, kl_estimate, masked_mean, policy_loss,
                                 token_logprobs, token_rewards, value_loss)
 from training.rl.reward import ClassifierReward, classifier_task
@@ -413,9 +414,12 @@ class PPOTrainer:
         last: dict[str, Any] = {}
         started, start_step = time.time(), self.step
         while self.step < self.total_steps:
+            step_started = time.time()
             last = self.train_step()
             self.step += 1
+            last["step_s"] = time.time() - step_started         # rollout + judging + PPO epochs
             last["elapsed_s"] = time.time() - started
+            last.update(gpu_memory())
             bar.update(1)
             bar.set_postfix(reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}", kl=f"{last['kl']:.3f}",
                             ent=f"{last['entropy']:.2f}")
@@ -426,7 +430,7 @@ class PPOTrainer:
                 self.save(last["loss"])
         bar.close()
         elapsed = time.time() - started
-        return {**last, "steps": self.step, "seconds": round(elapsed, 2),
+        return {**last, "steps": self.step, "seconds": round(elapsed, 2), "processes": self.world,
                 "mean_step_s": elapsed / (self.step - start_step) if self.step > start_step else 0.0}
 
     # -- checkpoints -----------------------------------------------------------------------------
