@@ -10,12 +10,21 @@ Order (tiny default): concept world -> response classifiers (reward + independen
 evaluated -> one comparison report -> adapters exported. Every evaluation is on renders and whole
 concepts held out of all safety training, judged by the judge classifier (never the PPO reward
 classifier), with the reward classifier and a rule-based check reported beside it for agreement.
+
+Which stages run depends on the config (`plan`): stage 0 pretrains the *tiny* models only (a real
+checkpoint or a `shape:NAME` model is the base itself), and the world stage runs only when no
+`data_dir` is given (your records and an UnsafeConcepts-layout folder take its place). Under
+`torchrun` every process runs the plan: training and evaluation stages on all ranks (DeepSpeed,
+sharded generation), the world, the classifiers, the report and the export on rank 0 while the
+others wait; whether a stage is skipped is rank 0's decision, so the ranks never disagree.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,7 +34,8 @@ from typing import Callable
 from safety_modules.config import SafetyConfig
 from safety_modules.configio import ConfigError, load_config, to_dict
 from training.classifier.train import ClassifierTrainConfig
-from training.config import ModelSpec, Stage0Section, Stage1Section, Stage2Section, stage_config, world_records
+from training.config import (ModelSpec, Stage0Section, Stage1Section, Stage2Section, data_root,
+                             default_records, stage_config)
 from training.recipes.dpo import DPOConfig, DPOSection
 from training.recipes.ppo import PPOConfig, PPOSection
 from training.recipes.sft import SFTConfig, SFTSection
@@ -49,6 +59,7 @@ class WorldSection:
 
 @dataclass
 class EvalSection:
+    data: str = ""                      # UnsafeConcepts-layout folder; "": the run's data (data_dir or the world)
     splits: list[str] = field(default_factory=lambda: ["heldout_render", "heldout_concept"])
     greedy: bool = True                 # reproducible tables; the protocol's sampling with greedy: false
     max_new_tokens: int = 32            # the world's answers are one sentence
@@ -60,6 +71,8 @@ class EvalSection:
 class PipelineConfig:
     run_dir: str = "checkpoints/tiny"
     seed: int = 0
+    data_dir: str = ""                  # "": the concept world the world stage builds; else a folder in its
+                                        # layout (records/<stage>.jsonl + UnsafeConcepts files), see README
     model: ModelSpec = field(default_factory=ModelSpec)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     world: WorldSection = field(default_factory=WorldSection)
@@ -80,12 +93,35 @@ class PipelineConfig:
     def world_dir(self) -> Path:
         return self.root / "world" / "data"
 
+    @property
+    def data_root(self) -> Path:
+        """Where the stages' records are: `data_dir`, else the concept world."""
+        return data_root(self.root, self.data_dir)
+
+    @property
+    def eval_data(self) -> Path:
+        """The UnsafeConcepts-layout folder every evaluation reads."""
+        return Path(self.eval.data) if self.eval.data else self.data_root
+
+    @property
+    def pretrains_base(self) -> bool:
+        """Stage 0 runs for the tiny models only: they know nothing before it; a real base does."""
+        from safety_modules.loading import TINY_SPECS
+        return self.model.path in TINY_SPECS
+
+    @property
+    def base_model(self) -> str:
+        """The model every adapter of the run sits on (and the one `eval_base` evaluates)."""
+        return str(self.root / "stage0" / "model") if self.pretrains_base else self.model.path
+
 
 @dataclass
 class Stage:
     name: str
     description: str
     fn: Callable[[PipelineConfig, Path], dict]
+    main_only: bool = False             # under torchrun: rank 0 runs it, the other ranks wait
+    wanted: Callable[[PipelineConfig], bool] = lambda cfg: True
 
 
 # -- stage functions -------------------------------------------------------------------------------
@@ -101,16 +137,22 @@ def _world(cfg: PipelineConfig, out: Path) -> dict:
 
 
 def _classifiers(cfg: PipelineConfig, out: Path) -> dict:
+    import torch
     from training.classifier.train import build_default
-    reports = build_default(out, dataclasses.replace(cfg.classifier, seed=cfg.classifier.seed + cfg.seed))
+    reports = build_default(out, dataclasses.replace(cfg.classifier, seed=cfg.classifier.seed + cfg.seed),
+                            device="cuda" if torch.cuda.is_available() else "cpu")
     return {name: {k: v for k, v in rep.items() if k != "errors"} for name, rep in reports.items()}
 
 
+def records_file(cfg: PipelineConfig, stage: str) -> Path:
+    """A training stage's records: its `data.train`, else `<data>/records/<stage>.jsonl`."""
+    section = getattr(cfg, stage)
+    return Path(section.data.train) if section.data.train else default_records(cfg.root, cfg.data_dir, stage)
+
+
 def _with_records(section, stage: str, cfg: PipelineConfig):
-    """The stage section with its records file defaulting to the world's `records/<stage>.jsonl`."""
-    if section.data.train:
-        return section
-    data = dataclasses.replace(section.data, train=str(world_records(cfg.root, stage)))
+    """The stage section with its records file resolved (see `records_file`)."""
+    data = dataclasses.replace(section.data, train=str(records_file(cfg, stage)))
     return dataclasses.replace(section, data=data)
 
 
@@ -120,8 +162,9 @@ def _stage_runner(stage: str) -> Callable[[PipelineConfig, Path], dict]:
         import importlib
         section = _with_records(getattr(cfg, stage), stage, cfg)
         if stage == "stage1" and not section.eval_files:
-            held = [str(cfg.world_dir / "records" / f"{s}.jsonl") for s in ("heldout_render", "heldout_concept")]
-            section = dataclasses.replace(section, eval_files=held)
+            # the head's accuracy on the evaluation splits, where the data has their records
+            held = [cfg.data_root / "records" / f"{split}.jsonl" for split in cfg.eval.splits]
+            section = dataclasses.replace(section, eval_files=[str(p) for p in held if p.is_file()])
         if stage in ON_TOP:
             from training.recipes.baselines import baseline_config
             recipe_cfg = baseline_config(ON_TOP[stage], section, run_dir=cfg.root / stage, seed=cfg.seed,
@@ -136,35 +179,37 @@ def _stage_runner(stage: str) -> Callable[[PipelineConfig, Path], dict]:
     return run
 
 
-def _evaluate(model_of: Callable[[PipelineConfig], tuple[str, str | None]]):
-    """An evaluation stage of one model variant on every held-out split of the world."""
+def _evaluate(adapter_of: Callable[[PipelineConfig], str | None]):
+    """An evaluation stage of one model variant on every split of `eval.splits` (on the world: the
+    held-out renders and concepts); under torchrun each rank answers its share of the items."""
     def run(cfg: PipelineConfig, out: Path) -> dict:
+        from eval.distributed import from_env
         from eval.models import GenerationSettings, load_runner
         from eval.pipeline import EvalConfig, run_unsafeconcepts
-        model_path, adapter = model_of(cfg)
-        runner = load_runner(model_path, adapter)
+        model_path, adapter = cfg.base_model, adapter_of(cfg)
+        ctx = from_env()
+        runner = load_runner(model_path, adapter, device=ctx.device(), seed=cfg.model.seed)
         ecfg = EvalConfig(generation=GenerationSettings(greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
                                                         seed=cfg.seed),
                           batch_size=cfg.eval.batch_size)
         summary = {"model": model_path, "adapter": adapter}
         classifiers = cfg.root / "classifiers"
         for split in cfg.eval.splits:
-            results = run_unsafeconcepts(runner, cfg.world_dir, out / split, split=split,
+            results = run_unsafeconcepts(runner, cfg.eval_data, out / split, split=split,
                                          limit=cfg.eval.limit or None, classifier=classifiers / "judge",
-                                         second_classifier=classifiers / "reward", cfg=ecfg)
+                                         second_classifier=classifiers / "reward", cfg=ecfg,
+                                         ctx=ctx if ctx.active else None)
             summary[split] = str(out / split / "results.json")
             summary[f"{split}_items"] = results["data"]["n_items"] if results else 0
         return summary
     return run
 
 
-def _base_model(cfg: PipelineConfig) -> str:
-    return str(cfg.root / "stage0" / "model")
-
-
 def _report(cfg: PipelineConfig, out: Path) -> dict:
     from safevlm.summary import write_pipeline_report
-    return write_pipeline_report(cfg.root, out, cfg.eval.splits, [s.name for s in STAGES])
+    data = "the concept world" if not cfg.data_dir and not cfg.eval.data else str(cfg.eval_data)
+    return write_pipeline_report(cfg.root, out, cfg.eval.splits, data=data,
+                                 base_name="base (stage 0)" if cfg.pretrains_base else "base")
 
 
 def _export(cfg: PipelineConfig, out: Path) -> dict:
@@ -181,62 +226,141 @@ def _export(cfg: PipelineConfig, out: Path) -> dict:
     return {"adapters": exported}
 
 
+def _builds_world(cfg: PipelineConfig) -> bool:
+    return not cfg.data_dir
+
+
+def _adapter(stage: str) -> Callable[[PipelineConfig], str]:
+    return lambda cfg: str(cfg.root / stage / "adapter")
+
+
 STAGES: list[Stage] = [
-    Stage("world", "build the concept world (images, metadata, records)", _world),
-    Stage("classifiers", "train the reward and judge response classifiers", _classifiers),
-    Stage("stage0", "pretrain the tiny LLaVA on the world (perception, text-only safety)", _stage_runner("stage0")),
-    Stage("eval_base", "evaluate the stage-0 base", _evaluate(lambda c: (_base_model(c), None))),
+    Stage("world", "build the concept world (images, metadata, records)", _world, main_only=True,
+          wanted=_builds_world),
+    Stage("classifiers", "train the reward and judge response classifiers", _classifiers, main_only=True),
+    Stage("stage0", "pretrain the tiny LLaVA on the world (perception, text-only safety)", _stage_runner("stage0"),
+          wanted=lambda cfg: cfg.pretrains_base),
+    Stage("eval_base", "evaluate the base", _evaluate(lambda cfg: None)),
     Stage("stage1", "train the safety modules on the frozen base", _stage_runner("stage1")),
     Stage("stage2", "LoRA + safety tokens on LM + classification loss", _stage_runner("stage2")),
-    Stage("eval_stage2", "evaluate stage 2", _evaluate(lambda c: (_base_model(c), str(c.root / "stage2" / "adapter")))),
+    Stage("eval_stage2", "evaluate stage 2", _evaluate(_adapter("stage2"))),
     Stage("ppo", "PPO with the reward classifier on top of stage 2", _stage_runner("ppo")),
-    Stage("eval_ppo", "evaluate PPO", _evaluate(lambda c: (_base_model(c), str(c.root / "ppo" / "adapter")))),
+    Stage("eval_ppo", "evaluate PPO", _evaluate(_adapter("ppo"))),
     Stage("sft", "SFT baseline on the same prompts and labels", _stage_runner("sft")),
-    Stage("eval_sft", "evaluate SFT", _evaluate(lambda c: (_base_model(c), str(c.root / "sft" / "adapter")))),
+    Stage("eval_sft", "evaluate SFT", _evaluate(_adapter("sft"))),
     Stage("dpo", "DPO baseline on the same prompts and labels", _stage_runner("dpo")),
-    Stage("eval_dpo", "evaluate DPO", _evaluate(lambda c: (_base_model(c), str(c.root / "dpo" / "adapter")))),
-    Stage("report", "comparison report (Markdown, CSV, JSON, PNG)", _report),
-    Stage("adapters", "export the adapters", _export),
+    Stage("eval_dpo", "evaluate DPO", _evaluate(_adapter("dpo"))),
+    Stage("report", "comparison report (Markdown, CSV, JSON, PNG)", _report, main_only=True),
+    Stage("adapters", "export the adapters", _export, main_only=True),
 ]
+TRAINING_STAGES = ("stage0", "stage1", "stage2", "ppo", "sft", "dpo")
+
+
+def plan(cfg: PipelineConfig) -> list[Stage]:
+    """The stages this config runs, in order (see the module docstring)."""
+    return [s for s in STAGES if s.wanted(cfg)]
+
+
+def check_config(cfg: PipelineConfig, stages: list[Stage]) -> None:
+    """Every mistake that can be seen before a stage runs, as a ConfigError naming the key: a model
+    that cannot be loaded, `init_from: stage0` without stage 0, records or evaluation data that are
+    missing (when no world stage will write them), an evaluation split the data does not have."""
+    from safety_modules.loading import SHAPE_PREFIX, TINY_SPECS
+    from safety_modules.shapes import SHAPES
+
+    path = cfg.model.path
+    if path.startswith(SHAPE_PREFIX):
+        if path[len(SHAPE_PREFIX):] not in SHAPES:
+            raise ConfigError(f"model.path: unknown shape {path!r}; known: {[SHAPE_PREFIX + k for k in sorted(SHAPES)]}")
+    elif path not in TINY_SPECS and not Path(path).is_dir():
+        raise ConfigError(f"model.path: {path!r} is not a local folder (save_pretrained layout), one of "
+                          f"{sorted(TINY_SPECS)} or shape:NAME; nothing is downloaded, fetch checkpoints first")
+    names = {s.name for s in stages}
+    for stage in TRAINING_STAGES:
+        if stage not in names:
+            continue
+        section = getattr(cfg, stage)
+        if getattr(section, "init_from", "") == "stage0" and "stage0" not in names:
+            raise ConfigError(f"{stage}.init_from: 'stage0' names the tiny model's pretraining, which does not run "
+                              f"for model.path={path!r}; leave init_from empty (the base is model.path)")
+        records = records_file(cfg, stage)
+        if "world" not in names and not records.is_file():
+            key = f"{stage}.data.train" if section.data.train else "data_dir"
+            raise ConfigError(f"{key}: {stage} records {str(records)!r} not found (format: README, 'Data formats'; "
+                              "records/<stage>.jsonl under data_dir, or the stage's data.train)")
+    if "world" not in names and cfg.eval.splits and any(s.name.startswith("eval_") for s in stages):
+        from eval.benchmarks import DataError
+        from eval.benchmarks.unsafeconcepts import load_unsafeconcepts, select_rows
+        key = "eval.data" if cfg.eval.data else "data_dir"
+        try:
+            data = load_unsafeconcepts(cfg.eval_data)
+            for split in cfg.eval.splits:
+                select_rows(data, split)
+        except (DataError, FileNotFoundError) as exc:
+            raise ConfigError(f"{key}: evaluation data {str(cfg.eval_data)!r}: {exc}") from None
 
 
 def load_pipeline_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     return load_config(PipelineConfig, path, overrides)
 
 
+def _join_ranks():
+    """The ranks' context: under torchrun the process group (DeepSpeed's, which the training stages
+    share), else a context of one process (the training stages make their own group of one)."""
+    from eval.distributed import from_env
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from training.engine import init_distributed
+        init_distributed()
+    return from_env()
+
+
+def _release_memory() -> None:
+    """Free a finished stage's model and optimizer before the next one loads its own (on GPU a
+    7B model per stage would not fit twice)."""
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_pipeline(cfg: PipelineConfig, force: bool = False, only: list[str] | None = None,
                  log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Run every stage not yet done (all with `force`); returns each stage's summary."""
-    known = [s.name for s in STAGES]
-    from safety_modules.loading import TINY_SPECS
-    if cfg.model.path not in TINY_SPECS:
-        # Stage 0 pretrains a tiny model on the concept world; a real checkpoint needs real data and
-        # a GPU path that has not been proven yet. Fail before anything runs, naming what to do.
-        raise ConfigError(f"model.path: `safevlm run` drives the tiny models ({sorted(TINY_SPECS)}) end to end; for "
-                          f"{cfg.model.path!r} run the stages one by one (safevlm train stage1/stage2, safevlm ppo, "
-                          "safevlm sft/dpo, safevlm eval) with your data; see README, 'Plugging in real data'")
+    """Run every stage of the plan not yet done (all with `force`); returns each stage's summary
+    (on rank 0; the other ranks of a torchrun get only what they ran)."""
+    planned = plan(cfg)
+    known = [s.name for s in planned]
     if only and not set(only) <= set(known):
-        raise ConfigError(f"--only: unknown stage(s) {sorted(set(only) - set(known))}; stages: {known}")
+        raise ConfigError(f"--only: unknown stage(s) {sorted(set(only) - set(known))}; stages of this config: {known}")
+    check_config(cfg, planned)
+    ctx = _join_ranks()
+    say = log if ctx.is_main else (lambda message: None)
     run_dir = cfg.root
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     summaries: dict[str, dict] = {}
-    stages = [s for s in STAGES if only is None or s.name in only]
+    stages = [s for s in planned if only is None or s.name in only]
     started = time.time()
     for index, stage in enumerate(stages, 1):
         out = run_dir / stage.name
         marker = out / "DONE.json"
         prefix = f"[{index}/{len(stages)}] {stage.name}"
-        if marker.is_file() and not force:
+        done = ctx.gather(marker.is_file() and not force)[0]     # rank 0 decides for everyone
+        if done:
             summaries[stage.name] = json.loads(marker.read_text())
-            log(f"{prefix}: done already, skipped ({marker})")
+            say(f"{prefix}: done already, skipped ({marker})")
             continue
-        log(f"{prefix}: {stage.description} ...")
+        say(f"{prefix}: {stage.description} ...")
         out.mkdir(parents=True, exist_ok=True)
         start = time.time()
-        summary = stage.fn(cfg, out)
-        summary["seconds"] = round(time.time() - start, 2)
-        marker.write_text(json.dumps(summary, indent=2, default=str))
-        summaries[stage.name] = summary
-        log(f"{prefix}: finished in {summary['seconds']} s (run so far {time.time() - started:.0f} s)")
+        summary = stage.fn(cfg, out) if ctx.is_main or not stage.main_only else {}
+        _release_memory()
+        if ctx.is_main:
+            summary["seconds"] = round(time.time() - start, 2)
+            marker.write_text(json.dumps(summary, indent=2, default=str))
+            summaries[stage.name] = summary
+        ctx.barrier()
+        say(f"{prefix}: finished in {round(time.time() - start, 2)} s (run so far {time.time() - started:.0f} s)")
+    from training.engine import leave_distributed
+    leave_distributed()
     return summaries

@@ -10,8 +10,9 @@ import csv
 import json
 from pathlib import Path
 
-# (pipeline evaluation stage, the name shown in the report)
-VARIANTS = [("eval_base", "base (stage 0)"), ("eval_stage2", "stage 2"), ("eval_ppo", "PPO"),
+# (pipeline evaluation stage, the name shown in the report); the base's name is the caller's
+# ("base (stage 0)" for the tiny models, which stage 0 pretrains; "base" for a real checkpoint)
+VARIANTS = [("eval_base", "base"), ("eval_stage2", "stage 2"), ("eval_ppo", "PPO"),
             ("eval_sft", "SFT"), ("eval_dpo", "DPO")]
 COLUMNS = [
     ("image_alignment", "image alignment acc (unsafe)"),
@@ -60,10 +61,11 @@ def _stage1_head(root: Path) -> dict[str, float | None]:
     return out
 
 
-def collect(root: Path, splits: list[str]) -> dict:
+def collect(root: Path, splits: list[str], base_name: str = "base") -> dict:
     """Numbers of every evaluated variant per split, and the stage-1 head's accuracy."""
     table: dict[str, dict[str, dict]] = {}
     for stage, name in VARIANTS:
+        name = base_name if stage == "eval_base" else name
         for split in splits:
             path = root / stage / split / "results.json"
             if path.is_file():
@@ -71,7 +73,7 @@ def collect(root: Path, splits: list[str]) -> dict:
     return {"splits": table, "stage1_head_accuracy": _stage1_head(root)}
 
 
-def _plot(results: dict, out: Path) -> list[str]:
+def _plot(results: dict, out: Path, data: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -89,7 +91,7 @@ def _plot(results: dict, out: Path) -> list[str]:
         ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(keys))], [label for _, label in keys])
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("rate")
-        ax.set_title(f"Concept world, {split.replace('_', ' ')}")
+        ax.set_title(f"{data}, {split.replace('_', ' ')}")
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / f"comparison_{split}.png"
@@ -99,15 +101,18 @@ def _plot(results: dict, out: Path) -> list[str]:
     return paths
 
 
-def write_pipeline_report(root: Path, out: Path, splits: list[str], stages: list[str]) -> dict:
-    """results.json, report.md, report.csv and one PNG per split into `out`."""
+def write_pipeline_report(root: Path, out: Path, splits: list[str], data: str = "the concept world",
+                          base_name: str = "base (stage 0)") -> dict:
+    """results.json, report.md, report.csv and one PNG per split into `out`; `data` names what was
+    evaluated (the concept world, or the user's UnsafeConcepts folder)."""
     out.mkdir(parents=True, exist_ok=True)
-    results = collect(Path(root), splits)
+    results = collect(Path(root), splits, base_name)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    lines = ["# Safety alignment on the concept world", "",
-             "Measured on renders and whole concepts held out of all safety training; answers judged by the "
-             "judge classifier (trained on other templates and seed than the PPO reward classifier). "
-             "Accuracies exclude NA answers unless the column says otherwise.", ""]
+    where = ("Measured on renders and whole concepts held out of all safety training"
+             if data == "the concept world" else f"Measured on {data}, splits {', '.join(splits)}")
+    lines = [f"# Safety alignment on {data}", "",
+             f"{where}; answers judged by the judge classifier (trained on other templates and seed than the "
+             "PPO reward classifier). Accuracies exclude NA answers unless the column says otherwise.", ""]
     rows = []
     for split, variants in results["splits"].items():
         lines += [f"## {split}", "", "| model | " + " | ".join(label for _, label in COLUMNS) + " |",
@@ -125,5 +130,5 @@ def write_pipeline_report(root: Path, out: Path, splits: list[str], stages: list
         writer = csv.DictWriter(fh, fieldnames=["split", "model"] + [k for k, _ in COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
-    figures = _plot(results, out)
+    figures = _plot(results, out, data[0].upper() + data[1:])
     return {"report": str(out / "report.md"), "results": str(out / "results.json"), "figures": figures}

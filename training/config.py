@@ -238,8 +238,8 @@ def load_stage_config(stage: str, path: str | Path, overrides: list[str] | tuple
         root = Path(data.get("run_dir", "checkpoints/run"))
         flat = {**shared, **section, "run_dir": str(root / stage)}
         if not (flat.get("data") or {}).get("train"):
-            # A run YAML's stages read the world that `safevlm run` builds into <run_dir>/world/data.
-            flat["data"] = {**(flat.get("data") or {}), "train": str(world_records(root, stage))}
+            flat["data"] = {**(flat.get("data") or {}),
+                            "train": str(default_records(root, data.get("data_dir") or "", stage))}
     else:
         flat = {k: v for k, v in data.items() if not k.startswith("stage")}
     flat = merge(flat, parse_overrides(list(overrides)))
@@ -249,9 +249,15 @@ def load_stage_config(stage: str, path: str | Path, overrides: list[str] | tuple
         raise ConfigError(f"{path}: {stage}: {exc}") from None
 
 
-def world_records(run_root: str | Path, stage: str) -> Path:
-    """Where the pipeline's concept world keeps a stage's records: <run_dir>/world/data/records/<stage>.jsonl."""
-    return Path(run_root) / "world" / "data" / "records" / f"{stage}.jsonl"
+def data_root(run_root: str | Path, data_dir: str = "") -> Path:
+    """A run YAML's data folder: its `data_dir`, else the concept world `safevlm run` builds into
+    `<run_dir>/world/data`. Both hold `records/<stage>.jsonl` and the UnsafeConcepts-layout files."""
+    return Path(data_dir) if data_dir else Path(run_root) / "world" / "data"
+
+
+def default_records(run_root: str | Path, data_dir: str, stage: str) -> Path:
+    """A stage's records when its section names none: `<data root>/records/<stage>.jsonl`."""
+    return data_root(run_root, data_dir) / "records" / f"{stage}.jsonl"
 
 
 def resolve_base_path(cfg) -> str:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from safety_modules import has_lora, load_adapter
 from safety_modules.configio import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
 from safety_modules.loading import load_base
-from training.config import DataConfig, ModelSpec, TrainConfig, resolve_base_path
+from training.config import DataConfig, ModelSpec, TrainConfig, default_records, resolve_base_path
 from training.engine import TrainingDiverged, all_reduce, is_main
 from training.recipes import write_json
 from training.records import RecordSet
@@ -90,7 +90,11 @@ def load_baseline_config(name: str, cls: type, path: str | Path, overrides: list
         if unknown:
             raise ConfigError(f"{path}: {name}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(own))})")
         shared = {k: data[k] for k in SHARED_KEYS if k in data}
-        flat = {**shared, **section, "run_dir": str(Path(data.get("run_dir", "checkpoints/run")) / name)}
+        root = Path(data.get("run_dir", "checkpoints/run"))
+        flat = {**shared, **section, "run_dir": str(root / name)}
+        if not (flat.get("data") or {}).get("train"):
+            flat["data"] = {**(flat.get("data") or {}),
+                            "train": str(default_records(root, data.get("data_dir") or "", name))}
     else:
         flat = data
     # On top of the class defaults, so that `train: {lr: ...}` keeps the other baseline train defaults
