@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,22 +44,8 @@ def test_every_stage_finished(run_dir: Path):
 
 
 def test_adapters_load_onto_a_fresh_base_and_reproduce_outputs(run_dir: Path):
-    from safety_modules import load_adapter
-    from safety_modules.loading import load_base
-    from safety_modules.prompting import build_prompt
-
-    image = Image.open(run_dir / "world" / "data" / "images" / "0.png").convert("RGB")
-    for stage in ("stage1", "stage2", "ppo", "sft", "dpo"):
-        logits = []
-        for adapter in (run_dir / stage / "adapter", run_dir / "adapters" / stage):
-            base, processor = load_base(str(run_dir / "stage0" / "model"))
-            model = load_adapter(base, adapter, processor).eval()
-            batch = model.processor(images=[image], text=[build_prompt(model.processor, "Is this image safe?")],
-                                    return_tensors="pt")
-            with torch.no_grad():
-                out = model(**batch)
-            logits.append((out.logits, out.safety_logits))
-        assert torch.equal(logits[0][0], logits[1][0]) and torch.equal(logits[0][1], logits[1][1])
+    from pipeline_checks import assert_adapters_reproduce_outputs
+    assert_adapters_reproduce_outputs(run_dir, run_dir / "stage0" / "model", run_dir / "world" / "data" / "images" / "0.png")
 
 
 def _table_rows(markdown: str) -> dict[tuple[str, str], list[str]]:

@@ -18,8 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
 
 from safety_modules.configio import ConfigError
 
@@ -57,9 +55,7 @@ def _run(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
 
 
 def _check_run(run_dir: Path, base: Path, image: Path) -> None:
-    from safety_modules import load_adapter
-    from safety_modules.loading import load_base
-    from safety_modules.prompting import build_prompt
+    from pipeline_checks import assert_adapters_reproduce_outputs
 
     assert not (run_dir / "world").exists() and not (run_dir / "stage0").exists()
     for name in PLAN:
@@ -68,18 +64,7 @@ def _check_run(run_dir: Path, base: Path, image: Path) -> None:
     assert report.startswith("# Safety alignment on ") and "world" not in report.splitlines()[0]
     results = json.loads((run_dir / "report" / "results.json").read_text())
     assert set(results["splits"]["heldout_render"]) == {"base", "stage 2", "PPO", "SFT", "DPO"}
-    picture = Image.open(image).convert("RGB")
-    for stage in ("stage1", "stage2", "ppo", "sft", "dpo"):
-        outputs = []
-        for adapter in (run_dir / stage / "adapter", run_dir / "adapters" / stage):
-            plain, processor = load_base(str(base))
-            model = load_adapter(plain, adapter, processor).eval()
-            batch = model.processor(images=[picture], text=[build_prompt(model.processor, "Is this image safe?")],
-                                    return_tensors="pt")
-            with torch.no_grad():
-                out = model(**batch)
-            outputs.append((out.logits, out.safety_logits))
-        assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+    assert_adapters_reproduce_outputs(run_dir, base, image)
 
 
 @pytest.mark.slow
