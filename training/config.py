@@ -217,6 +217,30 @@ def stage_config(stage: str, section: Any, *, run_dir: str | Path, seed: int = 0
     return cls(**values)
 
 
+def run_section(path: str | Path, data: dict[str, Any], name: str, cls: type) -> dict[str, Any]:
+    """Recipe config `cls` of the `name:` section of run YAML `data` (read from `path`), as a flat dict.
+
+    The section's keys are checked against `cls` (less the run-wide keys); the run-wide `seed`,
+    `model` and `safety` that `cls` has are copied in; the run writes into `<run_dir>/<name>`; and a
+    section naming no records reads `<data root>/records/<name>.jsonl` (see `default_records`).
+    Shared by the stage recipes and the baselines/PPO, so a run YAML means the same to all of them.
+    """
+    section = data.get(name) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: {name}: expected a mapping")
+    fields = _field_names(cls)
+    own = fields - {"run_dir", *SHARED_KEYS}
+    unknown = sorted(set(section) - own)
+    if unknown:
+        raise ConfigError(f"{path}: {name}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(own))})")
+    shared = {k: data[k] for k in SHARED_KEYS if k in data and k in fields}
+    root = Path(data.get("run_dir", "checkpoints/run"))
+    flat = {**shared, **section, "run_dir": str(root / name)}
+    if not (flat.get("data") or {}).get("train"):
+        flat["data"] = {**(flat.get("data") or {}), "train": str(default_records(root, data.get("data_dir") or "", name))}
+    return flat
+
+
 def load_stage_config(stage: str, path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
     """Load the recipe config of `stage` from a run YAML (with a `stageN:` section) or a flat one.
 
@@ -227,19 +251,7 @@ def load_stage_config(stage: str, path: str | Path, overrides: list[str] | tuple
     cls = STAGE_CONFIGS[stage]
     data = read_yaml(path)
     if stage in data:
-        section = data[stage] or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"{path}: {stage}: expected a mapping")
-        unknown = sorted(set(section) - _field_names(STAGE_SECTIONS[stage]))
-        if unknown:
-            raise ConfigError(f"{path}: {stage}.{unknown[0]}: unknown key (known keys: "
-                              f"{', '.join(sorted(_field_names(STAGE_SECTIONS[stage])))})")
-        shared = {k: data[k] for k in SHARED_KEYS if k in data and k in _field_names(cls)}
-        root = Path(data.get("run_dir", "checkpoints/run"))
-        flat = {**shared, **section, "run_dir": str(root / stage)}
-        if not (flat.get("data") or {}).get("train"):
-            flat["data"] = {**(flat.get("data") or {}),
-                            "train": str(default_records(root, data.get("data_dir") or "", stage))}
+        flat = run_section(path, data, stage, cls)
     else:
         flat = {k: v for k, v in data.items() if not k.startswith("stage")}
     flat = merge(flat, parse_overrides(list(overrides)))

@@ -33,14 +33,13 @@ import torch.distributed as dist
 from safety_modules import has_lora, load_adapter
 from safety_modules.configio import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
 from safety_modules.loading import load_base
-from training.config import DataConfig, ModelSpec, TrainConfig, default_records, resolve_base_path
+from training.config import DataConfig, ModelSpec, TrainConfig, resolve_base_path, run_section
 from training.engine import TrainingDiverged, all_reduce, is_main
 from training.recipes import write_json
 from training.records import RecordSet
 
 log = logging.getLogger(__name__)
 
-SHARED_KEYS = ("seed", "model")          # top-level keys of a run YAML a baseline section inherits
 
 
 def baseline_train_defaults(lr: float) -> Callable[[], TrainConfig]:
@@ -82,19 +81,7 @@ def load_baseline_config(name: str, cls: type, path: str | Path, overrides: list
     data = read_yaml(path)
     fields = {f.name for f in dataclasses.fields(cls)}
     if name in data or not set(data) <= fields:
-        section = data.get(name) or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"{path}: {name}: expected a mapping")
-        own = fields - {"run_dir", *SHARED_KEYS}
-        unknown = sorted(set(section) - own)
-        if unknown:
-            raise ConfigError(f"{path}: {name}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(own))})")
-        shared = {k: data[k] for k in SHARED_KEYS if k in data}
-        root = Path(data.get("run_dir", "checkpoints/run"))
-        flat = {**shared, **section, "run_dir": str(root / name)}
-        if not (flat.get("data") or {}).get("train"):
-            flat["data"] = {**(flat.get("data") or {}),
-                            "train": str(default_records(root, data.get("data_dir") or "", name))}
+        flat = run_section(path, data, name, cls)
     else:
         flat = data
     # On top of the class defaults, so that `train: {lr: ...}` keeps the other baseline train defaults
