@@ -19,11 +19,13 @@ process with accumulation and N processes without give the same loss and the sam
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +61,16 @@ def _free_port() -> int:
 LONE_PORT_ENV = "SAFEVLM_LONE_PORT"
 
 
+def import_deepspeed():
+    """The `deepspeed` module (with `deepspeed.ops`), its logger writing to stderr. DeepSpeed's logger
+    binds sys.stdout when it is first imported, and warns at once; so every first import goes through
+    here, and stdout keeps only what the CLI prints there (`safevlm train`'s JSON summary)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed
+        import deepspeed.ops
+    return deepspeed
+
+
 def init_distributed() -> tuple[int, int]:
     """Join (or, for a lone process, create) the process group; returns (rank, world size).
 
@@ -67,9 +79,7 @@ def init_distributed() -> tuple[int, int]:
     launcher's and try to bind the parent's port (EADDRINUSE). So a process whose MASTER_PORT is the
     marked one picks its own port.
     """
-    import deepspeed
-    import deepspeed.ops
-
+    deepspeed = import_deepspeed()
     inherited = os.environ.get(LONE_PORT_ENV) is not None and os.environ.get(LONE_PORT_ENV) == os.environ.get("MASTER_PORT")
     own_port = False
     if "RANK" not in os.environ or inherited:   # not launched by torchrun / deepspeed: a group of one
@@ -229,7 +239,7 @@ def lr_schedule(cfg: TrainConfig, total_steps: int) -> WarmupDecay:
 def _register_zero3_external_parameters(model: torch.nn.Module) -> None:
     """ZeRO-3 gathers a module's parameters when its forward runs; the safety tokens are read
     directly by the wrapper's forward, so they are registered with it."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     safety = getattr(model, "safety", None)
     if safety is not None:
@@ -259,7 +269,7 @@ class Trainer:
     world: int = field(init=False)
 
     def __post_init__(self) -> None:
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         self.run_dir = Path(self.run_dir)
         if self.cfg.torch_threads:

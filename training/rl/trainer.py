@@ -43,8 +43,8 @@ from safety_modules.images import MAX_IMAGE_PIXELS, load_image
 from safety_modules.prompting import build_prompt
 from training import checkpoint as ckpt
 from training.config import TrainConfig
-from training.engine import (TrainingDiverged, all_reduce, deepspeed_config, init_distributed, is_main,
-                             gpu_memory, load_latest_checkpoint, lr_schedule, truncate_metrics,
+from training.engine import (TrainingDiverged, all_reduce, deepspeed_config, gpu_memory, import_deepspeed,
+                             init_distributed, is_main, load_latest_checkpoint, lr_schedule, truncate_metrics,
                              use_bf16)
 from training.rl.losses import (AdaptiveKLController, entropy_from_logits, gae, kl_estimate, masked_mean, policy_loss,
                                 token_logprobs, token_rewards, value_loss)
@@ -213,7 +213,7 @@ class PPOTrainer:
     def __init__(self, policy: PolicyWithValue, records, reward: ClassifierReward, train: TrainConfig,
                  rollout: RolloutSpec, ppo: PPOSpec, run_dir: str | Path, seed: int = 0, name: str = "ppo",
                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
-        import deepspeed
+        deepspeed = import_deepspeed()
 
         self.policy, self.reward = policy, reward
         # Plain dicts once (a datasets.Dataset row access costs far more than a list index).
