@@ -17,11 +17,6 @@ TINY_SPECS = {"tiny": "llava", "tiny-next": "llava_next"}
 SHAPE_PREFIX = "shape:"
 
 
-def is_built_spec(spec: str) -> bool:
-    """True for specs built from a config in memory (tiny, shape:NAME), not read from a folder."""
-    return spec in TINY_SPECS or spec.startswith(SHAPE_PREFIX)
-
-
 def _shape_device() -> str:
     """Random 7B weights are drawn on this process's GPU (no 14 GB CPU copy per rank), else on CPU."""
     if torch.cuda.is_available():

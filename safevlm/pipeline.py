@@ -90,10 +90,6 @@ class PipelineConfig:
         return Path(self.run_dir)
 
     @property
-    def world_dir(self) -> Path:
-        return self.root / "world" / "data"
-
-    @property
     def data_root(self) -> Path:
         """Where the stages' records are: `data_dir`, else the concept world."""
         return data_root(self.root, self.data_dir)
@@ -163,7 +159,7 @@ def _stage_runner(stage: str) -> Callable[[PipelineConfig, Path], dict]:
         section = _with_records(getattr(cfg, stage), stage, cfg)
         if stage == "stage1" and not section.eval_files:
             # the head's accuracy on the evaluation splits, where the data has their records
-            held = [cfg.data_root / "records" / f"{split}.jsonl" for split in cfg.eval.splits]
+            held = [default_records(cfg.root, cfg.data_dir, split) for split in cfg.eval.splits]
             section = dataclasses.replace(section, eval_files=[str(p) for p in held if p.is_file()])
         if stage in ON_TOP:
             from training.recipes.baselines import baseline_config
@@ -207,7 +203,7 @@ def _evaluate(adapter_of: Callable[[PipelineConfig], str | None]):
 
 def _report(cfg: PipelineConfig, out: Path) -> dict:
     from safevlm.summary import write_pipeline_report
-    data = "the concept world" if not cfg.data_dir and not cfg.eval.data else str(cfg.eval_data)
+    data = None if not cfg.data_dir and not cfg.eval.data else str(cfg.eval_data)    # None: the concept world
     return write_pipeline_report(cfg.root, out, cfg.eval.splits, data=data,
                                  base_name="base (stage 0)" if cfg.pretrains_base else "base")
 

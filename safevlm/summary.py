@@ -101,15 +101,16 @@ def _plot(results: dict, out: Path, data: str) -> list[str]:
     return paths
 
 
-def write_pipeline_report(root: Path, out: Path, splits: list[str], data: str = "the concept world",
+def write_pipeline_report(root: Path, out: Path, splits: list[str], data: str | None = None,
                           base_name: str = "base (stage 0)") -> dict:
-    """results.json, report.md, report.csv and one PNG per split into `out`; `data` names what was
-    evaluated (the concept world, or the user's UnsafeConcepts folder)."""
+    """results.json, report.md, report.csv and one PNG per split into `out`; `data` names the
+    UnsafeConcepts folder evaluated (None: the concept world, whose splits are held out by design)."""
     out.mkdir(parents=True, exist_ok=True)
     results = collect(Path(root), splits, base_name)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    where = ("Measured on renders and whole concepts held out of all safety training"
-             if data == "the concept world" else f"Measured on {data}, splits {', '.join(splits)}")
+    where = ("Measured on renders and whole concepts held out of all safety training" if data is None
+             else f"Measured on {data}, splits {', '.join(splits)}")
+    data = data or "the concept world"
     lines = [f"# Safety alignment on {data}", "",
              f"{where}; answers judged by the judge classifier (trained on other templates and seed than the "
              "PPO reward classifier). Accuracies exclude NA answers unless the column says otherwise.", ""]
