@@ -40,6 +40,7 @@ class StagePlan:
 
     name: str
     trainable: int
+    frozen: int                        # every other parameter in memory (the base, frozen modules)
     micro_batch: int
     tokens: int                        # sequence length of one sample
     checkpointing: bool
@@ -74,13 +75,15 @@ def stage_plans(c: dict[str, int], response: int = 64) -> list[StagePlan]:
     """The stages as configured in configs/llava-1.5-7b.yaml (micro-batches, checkpointing)."""
     prompt, full = c["prompt_tokens"], c["prompt_tokens"] + response
     safety = c["projector"] + c["head"] + c["tokens"]
-    on_top = c["lora"] + c["tokens"]
+    on_top = c["lora"] + c["tokens"]                          # PPO, SFT, DPO: head and projector frozen
+    base, projector, head = c["base"], c["projector"], c["head"]
     return [
-        StagePlan("stage1", safety, 16, prompt, checkpointing=True),
-        StagePlan("stage2", c["lora"] + c["tokens"] + c["head"], 16, full, checkpointing=True),
-        StagePlan("ppo", on_top + c["hidden"] + 1, 8, full, checkpointing=True, kv_cache_batch=16),
-        StagePlan("sft", on_top, 16, full, checkpointing=True),
-        StagePlan("dpo", on_top, 8, full, checkpointing=True, sequences_per_sample=2),
+        StagePlan("stage1", safety, base, 16, prompt, checkpointing=True),
+        StagePlan("stage2", c["lora"] + c["tokens"] + head, base + projector, 16, full, checkpointing=True),
+        StagePlan("ppo", on_top + c["hidden"] + 1, base + projector + head, 8, full, checkpointing=True,
+                  kv_cache_batch=16),
+        StagePlan("sft", on_top, base + projector + head, 16, full, checkpointing=True),
+        StagePlan("dpo", on_top, base + projector + head, 8, full, checkpointing=True, sequences_per_sample=2),
     ]
 
 
@@ -94,11 +97,8 @@ def activations(c: dict[str, int], s: StagePlan) -> int:
 
 
 def per_gpu(c: dict[str, int], s: StagePlan, zero: int, gpus: int) -> dict[str, float]:
-    frozen = c["base"] + (c["projector"] + c["head"] + c["tokens"] + c["lora"]) - s.trainable
-    if s.name == "stage1":
-        frozen = c["base"]
     states = {
-        "frozen": 2 * frozen / (gpus if zero == 3 else 1),
+        "frozen": 2 * s.frozen / (gpus if zero == 3 else 1),
         "trainable": 2 * s.trainable / (gpus if zero == 3 else 1),
         "grads": 2 * s.trainable / gpus,
         "optimizer": 12 * s.trainable / gpus,
