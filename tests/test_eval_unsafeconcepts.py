@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -61,6 +63,52 @@ def test_reference_split_reproduces_1222_train_345_test_on_the_real_metadata():
     assert len({r.concept for r in uc.select_rows(data, "test")}) == 75  # every concept is tested
     with pytest.raises(DataError, match="has no 'split' column"):
         uc.select_rows(data, "heldout_render")
+
+
+def _reference_rule_literally(metadata: Path, split_ratio: float = 0.8) -> tuple[set[str], set[str]]:
+    """The reference code's UnsafeConcept_train_test_split, statement for statement: the global
+    `random` seeded once, concepts from numpy.unique, each concept's rows in file order shuffled
+    in place, the first int(n * ratio) to train. Returns (train, test) image filenames."""
+    rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+    state = random.getstate()
+    try:
+        random.seed(2024)
+        np.random.seed(2024)
+        items_all = [(r["category"], r["unsafe_concept"], r["image_filename"]) for r in rows]
+        train, test = [], []
+        for concept in [c for c in np.unique([r["unsafe_concept"] for r in rows])]:
+            items = [item for item in items_all if item[1] == concept]
+            sample_num = int(len(items) * split_ratio)
+            random.shuffle(items)
+            train.extend(items[:sample_num])
+            test.extend(items[sample_num:])
+    finally:
+        random.setstate(state)
+    return {t[2] for t in train}, {t[2] for t in test}
+
+
+def test_reference_split_has_the_reference_codes_members_image_by_image():
+    root = _shared()
+    train, test = _reference_rule_literally(root / "metadata.jsonl")
+    assignment = uc.reference_split(uc.load_unsafeconcepts(root).rows)
+    ours_test = {image for image, split in assignment.items() if split == "test"}
+    ours_train = {image for image, split in assignment.items() if split == "train"}
+    assert ours_test == test and ours_train == train
+    data = uc.load_unsafeconcepts(root)
+    assert {r.image for r in uc.select_rows(data, "test")} == test
+    assert {r.image for r in uc.select_rows(data, "train")} == train
+
+
+def test_reference_split_membership_depends_on_concept_order_not_file_order(tmp_path):
+    # A metadata file whose concepts appear in reverse alphabetical order: the rule walks them sorted,
+    # so the members equal those of the same rows written in sorted order.
+    rows = [{"image_filename": f"images/{c}{i}.png", "category": "Hate", "unsafe_concept": c}
+            for c in ("Zeta", "Mu", "Alpha") for i in range(7)]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, test = _reference_rule_literally(tmp_path / "metadata.jsonl")
+    assignment = uc.reference_split(uc.load_unsafeconcepts(tmp_path).rows)
+    assert {i for i, s in assignment.items() if s == "test"} == test
+    assert {i for i, s in assignment.items() if s == "train"} == train
 
 
 def test_protocol_prompts_match_the_published_prompts_file():

@@ -120,18 +120,22 @@ def load_unsafeconcepts(root: str | Path) -> UnsafeConceptsData:
 
 def reference_split(rows: Sequence[Row], seed: int = REFERENCE_SEED,
                     train_fraction: float = REFERENCE_TRAIN_FRACTION) -> dict[str, str]:
-    """image_filename -> "train" | "test", the reference rule for alignment training.
+    """image_filename -> "train" | "test", the reference code's rule for alignment training.
 
-    Per concept (in order of first appearance), its images in metadata order are shuffled by one
-    `random.Random(seed)` shared across concepts, and the first int(n * 0.8) go to train. On the
-    published metadata (1,567 rows, 75 concepts) this gives exactly 1,222 train / 345 test.
+    The rule of `UnsafeConcept_train_test_split` in the reference code, step for step: one RNG
+    seeded once, the concepts in sorted order (the reference iterates `numpy.unique`, which sorts
+    them; the order decides which random numbers each concept draws), each concept's images in
+    metadata order shuffled by that shared RNG, and the first int(n * train_fraction) to train.
+    Shuffling a list of indices draws the same numbers as shuffling the rows themselves, so the
+    members are the reference's, image by image.
     """
-    by_concept: OrderedDict[str, list[str]] = OrderedDict()
+    by_concept: dict[str, list[str]] = {}
     for row in rows:
         by_concept.setdefault(row.concept, []).append(row.image)
     rng = random.Random(seed)
     assignment: dict[str, str] = {}
-    for images in by_concept.values():
+    for concept in sorted(by_concept):
+        images = by_concept[concept]
         order = list(range(len(images)))
         rng.shuffle(order)
         n_train = int(len(images) * train_fraction)
