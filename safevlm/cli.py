@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Subcommand modules under safevlm.commands, each with register(subparsers).
-COMMANDS = ["guard", "run", "world", "eval", "report", "train", "sft", "dpo", "ppo", "classifier"]
+COMMANDS = ["guard", "run", "study", "world", "eval", "report", "train", "sft", "dpo", "ppo", "classifier"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from eval.headline import CRITERION, pooled, concept_cells, read_evaluation, selection_score
 from safety_modules.config import SafetyConfig
-from safety_modules.configio import ConfigError, load_config, to_dict
+from safety_modules.configio import ConfigError, load_config, merge, to_dict
+from safevlm.selection import SELECTION_FILE, SelectionSection, nested, reused_value, select
 from training.classifier.train import ClassifierTrainConfig
 from training.config import (ModelSpec, Stage0Section, Stage1Section, Stage2Section, data_root,
                              default_records, stage_config)
@@ -52,6 +54,11 @@ class WorldSection:
     images_per_concept: int = 12
     size: int = 32
     heldout_render_fraction: float = 0.25
+    heldout_unsafe: int | None = None  # categories that lose one concept to heldout_concept (None: up to 3)
+    heldout_safe: int | None = None
+    validation_unsafe: int = 0         # categories that lose one concept to the validation split
+    validation_safe: int = 0
+    validation_render_fraction: float = 0.0
     questions_per_image: int = 2
     perception_per_image: int = 2
     metadata: str | None = None        # UnsafeConcepts metadata.jsonl for names; None: ../shared if present
@@ -84,6 +91,7 @@ class PipelineConfig:
     sft: SFTSection = field(default_factory=SFTSection)
     dpo: DPOSection = field(default_factory=DPOSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    selection: SelectionSection = field(default_factory=SelectionSection)
 
     @property
     def root(self) -> Path:
@@ -128,6 +136,9 @@ def _world(cfg: PipelineConfig, out: Path) -> dict:
     w = cfg.world
     return build_world(out / "data", concepts=w.concepts, images_per_concept=w.images_per_concept, seed=cfg.seed,
                        size=w.size, heldout_render_fraction=w.heldout_render_fraction,
+                       heldout_unsafe=w.heldout_unsafe, heldout_safe=w.heldout_safe,
+                       validation_unsafe=w.validation_unsafe, validation_safe=w.validation_safe,
+                       validation_render_fraction=w.validation_render_fraction,
                        questions_per_image=w.questions_per_image, perception_per_image=w.perception_per_image,
                        metadata=w.metadata)
 
@@ -152,27 +163,101 @@ def _with_records(section, stage: str, cfg: PipelineConfig):
     return dataclasses.replace(section, data=data)
 
 
+def _recipe_config(cfg: PipelineConfig, stage: str):
+    """The recipe config of a training stage of the run, writing into `<run_dir>/<stage>`."""
+    section = _with_records(getattr(cfg, stage), stage, cfg)
+    if stage == "stage1" and not section.eval_files:
+        # the head's accuracy on the evaluation splits, where the data has their records
+        held = [default_records(cfg.root, cfg.data_dir, split) for split in cfg.eval.splits]
+        section = dataclasses.replace(section, eval_files=[str(p) for p in held if p.is_file()])
+    if stage in ON_TOP:
+        from training.recipes.baselines import baseline_config
+        return baseline_config(ON_TOP[stage], section, run_dir=cfg.root / stage, seed=cfg.seed, model=cfg.model)
+    return stage_config(stage, section, run_dir=cfg.root, seed=cfg.seed, model=cfg.model, safety=cfg.safety)
+
+
+def _pinned_inputs(stage: str, recipe_cfg) -> dict:
+    """The recipe's starting model and adapter as absolute settings, so a trial trained in another
+    folder starts from this run's models (their defaults are relative to `run_dir`)."""
+    from training.config import resolve_adapter_path, resolve_base_path
+    from training.recipes.baselines import baseline_base, stage2_adapter_path
+    if stage in ON_TOP:
+        pinned = {"adapter": str(stage2_adapter_path(recipe_cfg)),
+                  "init_from": baseline_base(recipe_cfg).path if recipe_cfg.init_from else ""}
+        if stage == "ppo":
+            from training.recipes.ppo import classifier_path
+            pinned["classifier"] = str(classifier_path(recipe_cfg))
+        return pinned
+    return {"adapter": str(resolve_adapter_path(recipe_cfg)), "init_from": resolve_base_path(recipe_cfg)}
+
+
+def _train(stage: str, recipe_cfg, overrides: dict | None = None) -> dict:
+    """Run the recipe of `stage` (resuming an interrupted attempt in its folder)."""
+    import importlib
+    from training.checkpoint import latest_checkpoint
+    from training.recipes import RECIPES
+    from training.recipes.baselines import with_overrides
+    if overrides:
+        recipe_cfg = with_overrides(recipe_cfg, overrides)
+    module, fn = RECIPES[stage].split(":")
+    resume = latest_checkpoint(Path(recipe_cfg.run_dir)) is not None      # an interrupted earlier attempt
+    return getattr(importlib.import_module(module), fn)(recipe_cfg, resume=resume)
+
+
 def _stage_runner(stage: str) -> Callable[[PipelineConfig, Path], dict]:
     def run(cfg: PipelineConfig, out: Path) -> dict:
-        from training.recipes import RECIPES
-        import importlib
-        section = _with_records(getattr(cfg, stage), stage, cfg)
-        if stage == "stage1" and not section.eval_files:
-            # the head's accuracy on the evaluation splits, where the data has their records
-            held = [default_records(cfg.root, cfg.data_dir, split) for split in cfg.eval.splits]
-            section = dataclasses.replace(section, eval_files=[str(p) for p in held if p.is_file()])
-        if stage in ON_TOP:
-            from training.recipes.baselines import baseline_config
-            recipe_cfg = baseline_config(ON_TOP[stage], section, run_dir=cfg.root / stage, seed=cfg.seed,
-                                         model=cfg.model)
-        else:
-            recipe_cfg = stage_config(stage, section, run_dir=cfg.root, seed=cfg.seed, model=cfg.model,
-                                      safety=cfg.safety)
-        module, fn = RECIPES[stage].split(":")
-        from training.checkpoint import latest_checkpoint
-        resume = latest_checkpoint(out) is not None      # an interrupted earlier attempt
-        return getattr(importlib.import_module(module), fn)(recipe_cfg, resume=resume)
+        from eval.distributed import from_env
+        recipe_cfg = _recipe_config(cfg, stage)
+        trials = cfg.selection.trials(stage)
+        if trials is None:
+            return _train(stage, recipe_cfg)
+        if cfg.selection.reuse:
+            value = reused_value(cfg.selection.reuse, stage, trials.key)
+            summary = _train(stage, recipe_cfg, nested(trials.key, value))
+            table = {"stage": stage, "key": trials.key, "chosen": value, "criterion": CRITERION,
+                     "reused_from": str(Path(cfg.selection.reuse) / stage / "selection.json")}
+            if from_env().is_main:
+                (out / SELECTION_FILE).write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+            return {**summary, "selection": table}
+        pinned = _pinned_inputs(stage, recipe_cfg)
+        ctx = from_env()
+
+        def train(trial_dir: Path, overrides: dict) -> dict:
+            key, value = next(iter(overrides.items()))
+            return _train(stage, recipe_cfg, merge(merge(pinned, nested(key, value)), {"run_dir": str(trial_dir)}))
+
+        def validate(adapter: Path, eval_dir: Path) -> dict:
+            _evaluate_split(cfg, str(adapter), cfg.selection.split, eval_dir, tasks=VALIDATION_TASKS, ctx=ctx)
+            ctx.barrier()                                  # rank 0 wrote the answers; every rank reads them
+            records, labeler = read_evaluation(eval_dir)
+            return pooled(concept_cells(records, labeler))
+
+        return select(stage, trials, out, train, validate, selection_score, CRITERION,
+                      main=ctx.is_main, barrier=ctx.barrier)
     return run
+
+
+# What a validation evaluation asks: the selection criterion's tasks (perception is not in it).
+VALIDATION_TASKS = ("alignment", "text_alignment")
+
+
+def _evaluate_split(cfg: PipelineConfig, adapter: str | None, split: str, out: Path,
+                    tasks: tuple[str, ...] | None = None, ctx=None) -> dict | None:
+    """One UnsafeConcepts evaluation of the run's base (+ `adapter`) on `split` into `out`, judged by
+    the judge classifier, with the reward classifier and the rule-based check beside it."""
+    from eval.distributed import from_env
+    from eval.models import GenerationSettings, load_runner
+    from eval.pipeline import EvalConfig, run_unsafeconcepts
+    ctx = ctx or from_env()
+    runner = load_runner(cfg.base_model, adapter, device=ctx.device(), seed=cfg.model.seed)
+    ecfg = EvalConfig(generation=GenerationSettings(greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
+                                                    seed=cfg.seed),
+                      batch_size=cfg.eval.batch_size)
+    classifiers = cfg.root / "classifiers"
+    return run_unsafeconcepts(runner, cfg.eval_data, out, split=split, limit=cfg.eval.limit or None,
+                              tasks=tasks, classifier=classifiers / "judge",
+                              second_classifier=classifiers / "reward", cfg=ecfg,
+                              ctx=ctx if ctx.active else None)
 
 
 def _evaluate(adapter_of: Callable[[PipelineConfig], str | None]):
@@ -180,21 +265,11 @@ def _evaluate(adapter_of: Callable[[PipelineConfig], str | None]):
     held-out renders and concepts); under torchrun each rank answers its share of the items."""
     def run(cfg: PipelineConfig, out: Path) -> dict:
         from eval.distributed import from_env
-        from eval.models import GenerationSettings, load_runner
-        from eval.pipeline import EvalConfig, run_unsafeconcepts
-        model_path, adapter = cfg.base_model, adapter_of(cfg)
+        adapter = adapter_of(cfg)
         ctx = from_env()
-        runner = load_runner(model_path, adapter, device=ctx.device(), seed=cfg.model.seed)
-        ecfg = EvalConfig(generation=GenerationSettings(greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
-                                                        seed=cfg.seed),
-                          batch_size=cfg.eval.batch_size)
-        summary = {"model": model_path, "adapter": adapter}
-        classifiers = cfg.root / "classifiers"
+        summary = {"model": cfg.base_model, "adapter": adapter}
         for split in cfg.eval.splits:
-            results = run_unsafeconcepts(runner, cfg.eval_data, out / split, split=split,
-                                         limit=cfg.eval.limit or None, classifier=classifiers / "judge",
-                                         second_classifier=classifiers / "reward", cfg=ecfg,
-                                         ctx=ctx if ctx.active else None)
+            results = _evaluate_split(cfg, adapter, split, out / split, ctx=ctx)
             summary[split] = str(out / split / "results.json")
             summary[f"{split}_items"] = results["data"]["n_items"] if results else 0
         return summary
@@ -284,6 +359,7 @@ def check_config(cfg: PipelineConfig, stages: list[Stage]) -> None:
             key = f"{stage}.data.train" if section.data.train else "data_dir"
             raise ConfigError(f"{key}: {stage} records {str(records)!r} not found (format: README, 'Data formats'; "
                               "records/<stage>.jsonl under data_dir, or the stage's data.train)")
+    _check_selection(cfg, names)
     if "world" not in names and cfg.eval.splits and any(s.name.startswith("eval_") for s in stages):
         from eval.benchmarks import DataError
         from eval.benchmarks.unsafeconcepts import load_unsafeconcepts, select_rows
@@ -294,6 +370,34 @@ def check_config(cfg: PipelineConfig, stages: list[Stage]) -> None:
                 select_rows(data, split)
         except (DataError, FileNotFoundError) as exc:
             raise ConfigError(f"{key}: evaluation data {str(cfg.eval_data)!r}: {exc}") from None
+
+
+def _check_selection(cfg: PipelineConfig, names: set[str]) -> None:
+    """Selection needs a validation split that no reported split overlaps, and a readable `reuse`."""
+    sel = cfg.selection
+    selected = [stage for stage in names if sel.trials(stage) is not None]
+    if not selected:
+        return
+    if sel.split in cfg.eval.splits:
+        raise ConfigError(f"selection.split: {sel.split!r} is also in eval.splits; hyperparameters must be chosen "
+                          "on a split that is never reported")
+    if sel.reuse:
+        if not Path(sel.reuse).is_dir():
+            raise ConfigError(f"selection.reuse: {sel.reuse!r} is not a run folder")
+        return
+    if "world" in names:
+        w = cfg.world
+        if sel.split != "validation" or not (w.validation_unsafe or w.validation_safe or w.validation_render_fraction):
+            raise ConfigError(f"selection.split: the concept world has no {sel.split!r} split to choose "
+                              f"{sorted(selected)} on; set world.validation_unsafe / validation_safe / "
+                              "validation_render_fraction, or selection.split='' to train each stage once")
+        return
+    from eval.benchmarks import DataError
+    from eval.benchmarks.unsafeconcepts import load_unsafeconcepts, select_rows
+    try:
+        select_rows(load_unsafeconcepts(cfg.eval_data), sel.split)
+    except (DataError, FileNotFoundError) as exc:
+        raise ConfigError(f"selection.split: {exc}") from None
 
 
 def load_pipeline_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:

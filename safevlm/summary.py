@@ -10,6 +10,10 @@ import csv
 import json
 from pathlib import Path
 
+from eval.headline import CRITERION
+from safevlm.selection import SELECTABLE, SELECTION_FILE
+from training.world.build import HELD_OUT_OF
+
 # (pipeline evaluation stage, the name shown in the report); the base's name is the caller's
 # ("base (stage 0)" for the tiny models, which stage 0 pretrains; "base" for a real checkpoint)
 VARIANTS = [("eval_base", "base"), ("eval_stage2", "stage 2"), ("eval_ppo", "PPO"),
@@ -61,6 +65,23 @@ def _stage1_head(root: Path) -> dict[str, float | None]:
     return out
 
 
+def _selection_lines(root: Path) -> list[str]:
+    """The hyperparameters chosen on the validation split, with every trial's criterion."""
+    rows = []
+    for stage in SELECTABLE:
+        path = root / stage / SELECTION_FILE
+        if not path.is_file():
+            continue
+        table = json.loads(path.read_text())
+        trials = ", ".join(f"{t['value']}: {t['score']:.3f}" for t in table.get("trials", []))
+        source = f"reused from {table['reused_from']}" if table.get("reused_from") else trials
+        rows.append(f"| {stage} | {table['key']} | {table['chosen']} | {source} |")
+    if not rows:
+        return []
+    return ["## Hyperparameters chosen on the validation split", "", f"Criterion: {CRITERION}.", "",
+            "| stage | key | chosen | trials (value: criterion) |", "| --- | --- | --- | --- |", *rows, ""]
+
+
 def collect(root: Path, splits: list[str], base_name: str = "base") -> dict:
     """Numbers of every evaluated variant per split, and the stage-1 head's accuracy."""
     table: dict[str, dict[str, dict]] = {}
@@ -108,15 +129,18 @@ def write_pipeline_report(root: Path, out: Path, splits: list[str], data: str | 
     out.mkdir(parents=True, exist_ok=True)
     results = collect(Path(root), splits, base_name)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    where = ("Measured on renders and whole concepts held out of all safety training" if data is None
+    where = ("Measured on renders and concepts of the concept world held out of training (what each split is "
+             "held out of is said under its heading)" if data is None
              else f"Measured on {data}, splits {', '.join(splits)}")
+    held_out_of = HELD_OUT_OF if data is None else {}
     data = data or "the concept world"
     lines = [f"# Safety alignment on {data}", "",
              f"{where}; answers judged by the judge classifier (trained on other templates and seed than the "
              "PPO reward classifier). Accuracies exclude NA answers unless the column says otherwise.", ""]
     rows = []
     for split, variants in results["splits"].items():
-        lines += [f"## {split}", "", "| model | " + " | ".join(label for _, label in COLUMNS) + " |",
+        lines += [f"## {split}", ""] + ([held_out_of[split].capitalize() + ".", ""] if split in held_out_of else [])
+        lines += ["| model | " + " | ".join(label for _, label in COLUMNS) + " |",
                   "| --- |" + " --- |" * len(COLUMNS)]
         for name, numbers in variants.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(numbers[k]) for k, _ in COLUMNS) + " |")
@@ -126,6 +150,7 @@ def write_pipeline_report(root: Path, out: Path, splits: list[str], data: str | 
     if head:
         lines += ["## Stage-1 safety head (safety-level accuracy)", "", "| records | accuracy |", "| --- | --- |"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in head.items()] + [""]
+    lines += _selection_lines(Path(root))
     (out / "report.md").write_text("\n".join(lines))
     with (out / "report.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["split", "model"] + [k for k, _ in COLUMNS])

@@ -36,7 +36,7 @@ def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quality") / "run"
     proc = subprocess.run([sys.executable, "-m", "safevlm.cli", "run", str(REPO / "configs" / "tiny.yaml"),
                            f"run_dir={out}", "classifier.train_alignment=480", "classifier.train_perception=160",
-                           "classifier.heldout_per_task=50",
+                           "classifier.heldout_per_task=50", "selection.split=",   # the configured values
                            "--only", "world", "classifiers", "stage0", "stage1", "stage2", "ppo"],
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]

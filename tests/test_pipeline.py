@@ -108,3 +108,44 @@ def test_unknown_stage_and_bad_key_are_clear_errors(tmp_path: Path):
     assert proc.returncode == 2 and "lrr" in proc.stderr
     proc = _run(tmp_path / "z", "model.path=/no/such/llava-1.5-7b-hf")
     assert proc.returncode == 2 and "model.path" in proc.stderr and not (tmp_path / "z").exists()
+
+
+def _criterion_by_hand(eval_dir: Path) -> float:
+    """Mean of unsafe-image, safe-image and text-only accuracy, NA counted wrong, primary labeller."""
+    results = json.loads((eval_dir / "results.json").read_text())
+    primary = results["metrics"]["primary_labeler"]
+    groups: dict[str, list[bool]] = {}
+    for line in (eval_dir / "responses.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        kind = rec["task"] if rec["task"] != "alignment" else ("safe" if rec["is_safe"] else "unsafe")
+        groups.setdefault(kind, []).append(rec["labels"][primary] == rec["target"])
+    rates = [sum(v) / len(v) for k, v in groups.items() if k in ("unsafe", "safe", "text_alignment")]
+    return sum(rates) / len(rates)
+
+
+def test_hyperparameters_are_chosen_on_validation_only(run_dir: Path):
+    from safevlm.selection import SELECTABLE
+    split_of = {row["image_filename"]: row["split"]
+                for row in map(json.loads, (run_dir / "world" / "data" / "metadata.jsonl").read_text().splitlines())}
+    for stage in SELECTABLE:
+        table = json.loads((run_dir / stage / "selection.json").read_text())
+        assert len(table["trials"]) == 2 and {t["value"] for t in table["trials"]} == set(
+            {"stage2": [1e-4, 1e-3], "ppo": [1e-5, 1e-4], "sft": [1e-4, 1e-3], "dpo": [1e-5, 1e-4]}[stage])
+        scores = {}
+        for trial in table["trials"]:
+            eval_dir = Path(trial["run_dir"]) / "eval_validation"
+            scores[trial["value"]] = _criterion_by_hand(eval_dir)
+            assert trial["score"] == pytest.approx(scores[trial["value"]])
+            for line in (eval_dir / "responses.jsonl").read_text().splitlines():
+                item = json.loads(line)["id"]
+                image = item.split("/", 1)[1].rsplit("/", 1)[0]
+                assert item.startswith("text_alignment/") or split_of[image] == "validation", item
+        best = max(table["trials"], key=lambda t: (scores[t["value"]], -table["trials"].index(t)))
+        assert table["chosen"] == best["value"]
+        chosen = Path(best["run_dir"]) / "adapter"
+        for path in sorted(chosen.rglob("*")):
+            if path.is_file():
+                assert (run_dir / stage / "adapter" / path.relative_to(chosen)).read_bytes() == path.read_bytes()
+    # the methods on top start from the chosen stage 2
+    ppo_config = json.loads((run_dir / "ppo" / "config.json").read_text())
+    assert Path(ppo_config["adapter"]) == run_dir / "stage2" / "adapter"

@@ -58,12 +58,14 @@ def test_layout_and_labels(world):
     out, summary = world
     meta = json.loads((out / "world.json").read_text())
     rows = _jsonl(out / "metadata.jsonl")
-    assert len(rows) == 36 * 12 and summary["images"] == {"train": 270, "heldout_render": 90, "heldout_concept": 72}
+    # held-out concepts: their first 9 renders only captioned in stage 0, their last 3 evaluated
+    assert len(rows) == 36 * 12 and summary["images"] == {"train": 270, "heldout_render": 90, "heldout_concept": 18,
+                                                          "stage0_only": 54}
     assert meta["risk_types"] == RISK_TYPES
     for row in rows:
         img = Image.open(out / row["image_filename"])
         assert img.mode == "RGB" and img.size == (32, 32)
-        assert row["split"] in {"train", "heldout_render", "heldout_concept"}
+        assert row["split"] in {"train", "heldout_render", "heldout_concept", "stage0_only"}
         assert row["risk_type"] in RISK_TYPES and 0 <= row["safety_level"] <= 3
         assert row["is_safe"] == (row["safety_level"] == 0) == (row["risk_type"] == "none") \
             == (row["category"] == "Safe")
@@ -108,12 +110,14 @@ def test_heldout_concepts_and_renders_stay_out_of_safety_training(world):
     rows = _jsonl(out / "metadata.jsonl")
     held = {c["name"] for c in meta["concepts"] if c["split"] == "heldout_concept"}
     assert len(held) == 6 and {c["is_safe"] for c in meta["concepts"] if c["name"] in held} == {True, False}
-    held_images = {r["image_filename"] for r in rows if r["split"] == "heldout_concept"}
+    held_images = {r["image_filename"] for r in rows if r["split"] in ("heldout_concept", "stage0_only")}
+    evaluated = {r["image_filename"] for r in rows if r["split"] == "heldout_concept"}
     new_renders = {r["image_filename"] for r in rows if r["split"] == "heldout_render"}
     stage0_concepts = set()
     for stage in ("stage0",) + SAFETY_STAGES:
         for rec in _jsonl(out / "records" / f"{stage}.jsonl"):
             assert rec["image"] not in new_renders, f"{stage} trains on a held-out render"
+            assert rec["image"] not in evaluated, f"{stage} trains on an evaluated render of a held-out concept"
             safety_labelled = stage != "stage0" or rec["task"] in {"alignment", "text_alignment"}
             if safety_labelled:
                 assert rec["concept"] not in held and rec["image"] not in held_images
@@ -130,7 +134,8 @@ def test_pixels_separate_safety_and_concepts(world):
     rows = _jsonl(out / "metadata.jsonl")
     x = _pixels(out, rows)
     split = np.array([r["split"] for r in rows])
-    train, new_renders, held = split == "train", split == "heldout_render", split == "heldout_concept"
+    train, new_renders = split == "train", split == "heldout_render"
+    held = (split == "heldout_concept") | (split == "stage0_only")
 
     def nearest_centroid(keys: np.ndarray, fit: np.ndarray, test: np.ndarray) -> float:
         labels = sorted(set(keys[fit].tolist()))
@@ -225,3 +230,58 @@ def test_cli_builds_and_refuses_to_clobber(tmp_path):
     assert (tmp_path / "w" / "records" / "ppo.jsonl").is_file()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The validation split (hyperparameters are chosen on it) and folds of held-out concepts
+# ----------------------------------------------------------------------------------------------
+VALIDATION_WORLD = dict(concepts=27, images_per_concept=10, heldout_render_fraction=0.1,
+                        validation_render_fraction=0.1, validation_unsafe=9, validation_safe=9,
+                        heldout_unsafe=9, heldout_safe=9, questions_per_image=1, perception_per_image=1,
+                        progress=False)
+
+
+def _roles(out: Path) -> dict[str, str]:
+    return {c["name"]: c["split"] for c in json.loads((out / "world.json").read_text())["concepts"]}
+
+
+@pytest.fixture(scope="module")
+def seeded_worlds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seeded")
+    return [build_world(root / f"s{seed}", seed=seed, **VALIDATION_WORLD) and root / f"s{seed}" for seed in (0, 1, 2)]
+
+
+def test_validation_concepts_are_fixed_and_heldout_concepts_rotate_with_the_seed(seeded_worlds):
+    roles = [_roles(out) for out in seeded_worlds]
+    validation = [{n for n, r in rs.items() if r == "validation"} for rs in roles]
+    held = [{n for n, r in rs.items() if r == "heldout_concept"} for rs in roles]
+    assert validation[0] == validation[1] == validation[2]          # never a reported concept of any seed
+    assert all(not (v & h) for v in validation for h in held)
+    assert len({frozenset(h) for h in held}) == 3                    # the seed moves the held-out fold
+    for out, h in zip(seeded_worlds, held):
+        concepts = json.loads((out / "world.json").read_text())["concepts"]
+        unsafe_held = [c for c in concepts if c["name"] in h and not c["is_safe"]]
+        assert len(unsafe_held) == 9 and len([c for c in concepts if c["name"] in h and c["is_safe"]]) == 9
+        trained = {c["category"] for c in concepts if c["split"] == "train"}
+        assert {c["category"] for c in concepts} == trained          # every category keeps a training concept
+
+
+def test_validation_and_reported_images_are_in_no_training_record(seeded_worlds):
+    for out in seeded_worlds:
+        rows = _jsonl(out / "metadata.jsonl")
+        split_of = {r["image_filename"]: r["split"] for r in rows}
+        roles = _roles(out)
+        for stage in ("stage0",) + SAFETY_STAGES:
+            for rec in _jsonl(out / "records" / f"{stage}.jsonl"):
+                if rec["image"] == "images/blank.png":       # stage-0 text-only questions: training concepts
+                    assert roles[rec["concept"]] == "train"
+                    continue
+                where = split_of[rec["image"]]
+                assert where in ("train", "stage0_only"), f"{stage} trains on a {where} image"
+                if where == "stage0_only" or stage != "stage0" or rec["task"] in ("alignment", "text_alignment"):
+                    assert stage == "stage0" and rec["task"] in ("caption", "perception") or where == "train"
+                if stage != "stage0" or rec["task"] in ("alignment", "text_alignment"):
+                    assert roles[rec["concept"]] == "train"
+        for split in ("validation", "heldout_render", "heldout_concept"):
+            for rec in _jsonl(out / "records" / f"{split}.jsonl"):
+                assert split_of[rec["image"]] == split

@@ -22,6 +22,11 @@ def register(subparsers) -> None:
                    help="safe concepts held out of safety training (default: up to 3)")
     b.add_argument("--heldout-render-fraction", type=float, default=0.25,
                    help="share of each concept's renders kept as new renders never trained on")
+    b.add_argument("--validation-unsafe", type=int, default=0,
+                   help="categories that lose one concept to the validation split (fixed, seed-independent)")
+    b.add_argument("--validation-safe", type=int, default=0, help="safe concepts in the validation split")
+    b.add_argument("--validation-render-fraction", type=float, default=0.0,
+                   help="share of each training concept's renders kept for validation (model selection)")
     b.add_argument("--questions-per-image", type=int, default=2, help="safety questions per training image")
     b.add_argument("--perception-per-image", type=int, default=2, help="stage-0 multiple-choice records per image")
     b.add_argument("--metadata", default=None,
@@ -46,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         heldout_unsafe=args.heldout_unsafe,
         heldout_safe=args.heldout_safe,
         heldout_render_fraction=args.heldout_render_fraction,
+        validation_unsafe=args.validation_unsafe,
+        validation_safe=args.validation_safe,
+        validation_render_fraction=args.validation_render_fraction,
         questions_per_image=args.questions_per_image,
         perception_per_image=args.perception_per_image,
         metadata=args.metadata,

@@ -5,10 +5,21 @@ agree on the same concepts, splits and labels, so they are produced together, de
 a seed (byte-identical files for the same arguments). Layout: see `world.json` and the README of
 the world (`DIR/metadata.jsonl`, `DIR/perception_metadata.jsonl`, `DIR/images/`, `DIR/records/`).
 
-Splits: per concept, the first renders are "train" and the rest "heldout_render" (never trained
-on); every render of a held-out concept is "heldout_concept". Held-out concepts appear only in the
-stage-0 caption/perception records (their "train"-position renders), never in a safety-labelled
-record (stage-0 alignment/text alignment, stage 1, stage 2, SFT, DPO, PPO).
+Splits, and what each is held out of:
+- "train": the renders every training stage may see.
+- "heldout_render": the last renders of each training concept, held out of every training stage.
+  Their concepts are trained on (stage 0 asks their text-only safety questions), so text-only
+  accuracy on this split is not held out.
+- "heldout_concept": the last renders of each held-out concept, held out of every training stage;
+  the concept itself is held out of all safety training (stage-0 safety questions, stage 1, stage 2,
+  SFT, DPO, PPO).
+- "stage0_only": the first renders of held-out and validation concepts, which stage 0 captions and
+  asks perception questions about (so that the base perceives those concepts, as a real VLM
+  perceives concepts it was never aligned on); no safety question is ever asked on them, and they
+  are not evaluated.
+- "validation": the middle renders of each training concept and the last renders of each
+  validation concept, held out like the reported splits; hyperparameters are chosen on it, and it is
+  never reported.
 """
 
 from __future__ import annotations
@@ -30,7 +41,18 @@ from training.world.render import assign_traits, category_traits, render
 STAGE0_SAFE_RATE_ON_UNSAFE = 0.79
 STAGE0_SAFE_RATE_ON_SAFE = 0.95
 SAFETY_STAGES = ("stage1", "stage2", "sft", "dpo", "ppo")
-HELDOUT_SPLITS = ("heldout_render", "heldout_concept")   # evaluation records, never trained on
+HELDOUT_SPLITS = ("heldout_render", "heldout_concept")   # reported evaluation splits, never trained on
+VALIDATION_SPLIT = "validation"                          # model selection only, never reported
+STAGE0_ONLY = "stage0_only"                              # held-out concepts' renders stage 0 captions
+# What each evaluation split is held out of, in the words reports use.
+HELD_OUT_OF = {
+    "heldout_render": "new renders of the training concepts, held out of every training stage; their concepts' "
+                      "text-only questions are asked in stage 0, so text-only accuracy on this split is not held out",
+    "heldout_concept": "new renders of concepts held out of all safety training (stage-0 safety questions, stages 1 "
+                       "and 2, PPO, SFT, DPO); the renders themselves are held out of every training stage",
+    VALIDATION_SPLIT: "renders and concepts held out of every training stage, used only to choose hyperparameters",
+}
+EVAL_SPLITS = (*HELDOUT_SPLITS, VALIDATION_SPLIT)
 WORLD_FILES = ("world.json", "metadata.jsonl", "perception_metadata.jsonl")
 BLANK_IMAGE = "images/blank.png"
 
@@ -82,6 +104,13 @@ def _options(rng: random.Random, correct: str, names: list[str]) -> tuple[list[s
     position = rng.randrange(4)
     options.insert(position, correct)
     return options, texts.OPTION_LETTERS[position]
+
+
+def _render_split(index: int, n_train: int, n_val: int) -> str:
+    """The split of a training concept's render `index`: train, then validation, then held out."""
+    if index < n_train:
+        return "train"
+    return VALIDATION_SPLIT if index < n_train + n_val else "heldout_render"
 
 
 def _safety_records(stage: str, images: list[tuple[str, Concept]], per_image: int, seed: int) -> list[dict]:
@@ -156,6 +185,9 @@ def build_world(
     heldout_unsafe: int | None = None,
     heldout_safe: int | None = None,
     heldout_render_fraction: float = 0.25,
+    validation_unsafe: int = 0,
+    validation_safe: int = 0,
+    validation_render_fraction: float = 0.0,
     questions_per_image: int = 2,
     perception_per_image: int = 2,
     metadata: str | Path | None = None,
@@ -167,6 +199,8 @@ def build_world(
     `concepts` unsafe concepts are spread round-robin over the nine categories; `safe_concepts`
     (default: as many) everyday ones. `heldout_unsafe` categories lose one concept each, and
     `heldout_safe` safe concepts are held out, to all safety training (None: 3 each where possible).
+    `validation_unsafe` / `validation_safe` concepts and `validation_render_fraction` of each training
+    concept's renders form the validation split (see `select_concepts` and the module docstring).
     """
     start = time.perf_counter()
     out = Path(out)
@@ -174,13 +208,17 @@ def build_world(
     _check("images_per_concept", images_per_concept, 2)
     _check("size", size, 16, 1024)
     _check("heldout_render_fraction", heldout_render_fraction, 0.0, 0.9)
+    _check("validation_render_fraction", validation_render_fraction, 0.0, 0.9)
     _check("questions_per_image", questions_per_image, 1, len(texts.ALIGNMENT_PROMPTS))
     _check("perception_per_image", perception_per_image, 0)
     n_eval = max(1, round(images_per_concept * heldout_render_fraction))
-    if images_per_concept - n_eval < 1:
+    n_val = max(1, round(images_per_concept * validation_render_fraction)) if validation_render_fraction else 0
+    n_train = images_per_concept - n_eval - n_val
+    if n_train < 1:
         raise ValueError(f"images_per_concept: {images_per_concept} leaves no training render after "
-                         f"{n_eval} held-out render(s)")
-    world, source = select_concepts(concepts, safe_concepts, heldout_unsafe, heldout_safe, seed, metadata)
+                         f"{n_eval} held-out and {n_val} validation render(s)")
+    world, source = select_concepts(concepts, safe_concepts, heldout_unsafe, heldout_safe, seed, metadata,
+                                    validation_unsafe=validation_unsafe, validation_safe=validation_safe)
     if len(world) < 4:
         raise ValueError(f"the world needs at least 4 concepts for 4-way perception, got {len(world)}")
     cat_traits = category_traits(list(CATEGORIES))
@@ -201,8 +239,11 @@ def build_world(
         for ri in range(images_per_concept):
             rel = f"images/{n}.png"
             render(c.traits, size, [seed, ci, ri]).save(out / rel, format="PNG")
-            in_train_part = ri < images_per_concept - n_eval
-            split = "heldout_concept" if c.split == "heldout_concept" else ("train" if in_train_part else "heldout_render")
+            in_train_part = ri < n_train
+            if c.split == "train":
+                split = _render_split(ri, n_train, n_val)
+            else:
+                split = STAGE0_ONLY if in_train_part else c.split
             rows.append({"image_filename": rel, "category": c.category, "unsafe_concept": c.name,
                          "is_safe": c.is_safe, "safety_level": c.safety_level, "risk_type": c.risk_type,
                          "split": split})
@@ -239,13 +280,13 @@ def build_world(
     for stage in SAFETY_STAGES:
         records[stage] = _safety_records(stage, balanced, questions_per_image, seed)
     # Labelled safety questions on the held-out images: what stage 1's head accuracy is measured on.
-    for split in HELDOUT_SPLITS:
+    for split in EVAL_SPLITS:
         held = [(row["image_filename"], by_name[row["unsafe_concept"]]) for row in rows if row["split"] == split]
         records[split] = _safety_records(split, held, 1, seed)
 
     _write_jsonl(out / "metadata.jsonl", rows)
     _write_jsonl(out / "perception_metadata.jsonl", perception_rows)
-    for stage in ("stage0", *SAFETY_STAGES, *HELDOUT_SPLITS):
+    for stage in ("stage0", *SAFETY_STAGES, *EVAL_SPLITS):
         _write_jsonl(out / "records" / f"{stage}.jsonl", records[stage])
 
     counts = _counts(rows, records, s0_rates, world)
@@ -253,7 +294,10 @@ def build_world(
               "seed": seed, "size": size,
               "heldout_unsafe": sum(c.split == "heldout_concept" and not c.is_safe for c in world),
               "heldout_safe": sum(c.split == "heldout_concept" and c.is_safe for c in world),
-              "heldout_render_fraction": heldout_render_fraction, "questions_per_image": questions_per_image,
+              "validation_unsafe": sum(c.split == VALIDATION_SPLIT and not c.is_safe for c in world),
+              "validation_safe": sum(c.split == VALIDATION_SPLIT and c.is_safe for c in world),
+              "heldout_render_fraction": heldout_render_fraction,
+              "validation_render_fraction": validation_render_fraction, "questions_per_image": questions_per_image,
               "perception_per_image": perception_per_image}
     meta = {"format": "safevlm-concept-world/1", "params": params, "source": source,
             "risk_types": RISK_TYPES, "safety_levels": {"Safe": 0, **CATEGORIES},
@@ -279,7 +323,8 @@ def _counts(rows: list[dict], records: dict[str, list[dict]], s0_rates: dict, wo
         stage0_tasks[rec["task"]] = stage0_tasks.get(rec["task"], 0) + 1
     return {
         "concepts": {"unsafe": sum(not c.is_safe for c in world), "safe": sum(c.is_safe for c in world),
-                     "heldout_concept": [c.name for c in world if c.split == "heldout_concept"]},
+                     "heldout_concept": [c.name for c in world if c.split == "heldout_concept"],
+                     "validation": [c.name for c in world if c.split == VALIDATION_SPLIT]},
         "images": images,
         "images_by_category": by_category,
         "records": {stage: len(recs) for stage, recs in records.items()},
@@ -293,12 +338,14 @@ def format_summary(summary: dict) -> str:
     lines = [f"concept world in {summary['out']} (names: {summary['source']}, seed {summary['params']['seed']}, "
              f"{summary['params']['size']}px, {summary.get('seconds', 0):.1f}s)",
              f"concepts: {summary['concepts']['unsafe']} unsafe, {summary['concepts']['safe']} safe; held out: "
-             + ", ".join(summary["concepts"]["heldout_concept"]),
+             + ", ".join(summary["concepts"]["heldout_concept"])
+             + (("; validation: " + ", ".join(summary["concepts"]["validation"]))
+                if summary["concepts"].get("validation") else ""),
              "images per split: " + ", ".join(f"{k} {v}" for k, v in summary["images"].items()),
-             f"{'category':<28}{'train':>7}{'heldout_render':>16}{'heldout_concept':>17}"]
+             f"{'category':<28}{'train':>7}{'heldout_render':>16}{'heldout_concept':>17}{'validation':>12}"]
     for cat, counts in summary["images_by_category"].items():
         lines.append(f"{cat:<28}{counts.get('train', 0):>7}{counts.get('heldout_render', 0):>16}"
-                     f"{counts.get('heldout_concept', 0):>17}")
+                     f"{counts.get('heldout_concept', 0):>17}{counts.get('validation', 0):>12}")
     lines.append("records: " + ", ".join(f"{k} {v}" for k, v in summary["records"].items()))
     lines.append("stage0 tasks: " + ", ".join(f"{k} {v}" for k, v in summary["stage0_tasks"].items()))
     rates = summary["stage0_image_answers_safe"]

@@ -34,6 +34,8 @@ SAFE_CATEGORY = "Safe"
 RISK_TYPES: list[str] = ["none"] + [name.lower() for name in CATEGORIES]
 NUM_SAFETY_LEVELS = 4
 DEFAULT_HELDOUT = 3  # held-out concepts of each kind (unsafe, safe) when not given
+VALIDATION_DRAW = "validation-concepts"  # the fixed generator of the validation concepts (seed-independent)
+CONCEPT_SPLITS = ("train", "validation", "heldout_concept")
 
 # Our own invented unsafe concept names, used only when the benchmark metadata is absent.
 FALLBACK_UNSAFE: dict[str, list[str]] = {
@@ -82,7 +84,7 @@ class Concept:
     is_safe: bool
     safety_level: int             # 0 = safe, 1..3 by the category's severity
     risk_type: str                # "none" for safe concepts, else the category lower-cased
-    split: str = "train"          # "train" | "heldout_concept"
+    split: str = "train"          # one of CONCEPT_SPLITS
     traits: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -149,6 +151,25 @@ def _spread(names: dict[str, list[str]], n: int) -> dict[str, list[str]]:
     return taken
 
 
+def _draw_keeping_one(rng: random.Random, pools: dict[str, list[str]], n: int, key: str) -> list[str]:
+    """`n` names drawn one per category per round (categories in a shuffled order each round), never
+    the last name of a category, so every category keeps a training concept."""
+    left = {c: list(v) for c, v in pools.items()}
+    available = sum(max(len(v) - 1, 0) for v in left.values())
+    if n < 0 or n > available:
+        raise ValueError(f"{key}: must be between 0 and {available} (every category keeps one training concept), "
+                         f"got {n}")
+    drawn: list[str] = []
+    while len(drawn) < n:
+        order = [c for c, v in left.items() if len(v) >= 2]
+        rng.shuffle(order)
+        for category in order[:n - len(drawn)]:
+            name = rng.choice(left[category])
+            left[category].remove(name)
+            drawn.append(name)
+    return drawn
+
+
 def select_concepts(
     n_unsafe: int,
     n_safe: int,
@@ -156,43 +177,59 @@ def select_concepts(
     heldout_safe: int | None,
     seed: int,
     metadata: str | Path | None = None,
+    validation_unsafe: int = 0,
+    validation_safe: int = 0,
 ) -> tuple[list[Concept], str]:
     """The world's concepts (unsafe first, in category order, then safe) and the name source.
 
-    Held-out unsafe concepts are one per category, in `heldout_unsafe` categories drawn with the seed
-    among those that keep at least one training concept, so every held-out concept belongs to a
-    category the safety training has seen. `None` holds out as many as possible up to 3 (of each kind).
+    Three roles: "train" (safety training sees them), "validation" (held out of every training stage's
+    safety records; hyperparameters are chosen on them) and "heldout_concept" (held out of all
+    safety training; what results are reported on).
+
+    Validation concepts are drawn with a fixed generator, independent of `seed`, so that a study over
+    seeds chooses hyperparameters on one set of concepts that is never a reported split of any seed.
+    Unsafe ones are drawn one per category per round (`_draw_keeping_one`); held-out unsafe concepts
+    are then drawn the same way with the seed among the rest. Every category keeps a training
+    concept, so every held-out concept belongs to a category the safety training has seen. `None`
+    holds out up to 3 (of each kind).
     """
     if n_safe < 1 or n_safe > len(SAFE_NAMES):
         raise ValueError(f"safe_concepts: must be between 1 and {len(SAFE_NAMES)}, got {n_safe}")
+    if validation_safe < 0 or validation_safe >= n_safe:
+        raise ValueError(f"validation_safe: must be >= 0 and below safe_concepts ({n_safe}), got {validation_safe}")
     if heldout_safe is None:
-        heldout_safe = min(DEFAULT_HELDOUT, n_safe - 1)
-    if heldout_safe < 0 or heldout_safe >= n_safe:
-        raise ValueError(f"heldout_safe: must be >= 0 and below safe_concepts ({n_safe}), got {heldout_safe}")
+        heldout_safe = min(DEFAULT_HELDOUT, n_safe - 1 - validation_safe)
+    if heldout_safe < 0 or heldout_safe + validation_safe >= n_safe:
+        raise ValueError(f"heldout_safe: must be >= 0 and leave a training concept of the {n_safe} safe ones "
+                         f"after {validation_safe} validation concept(s), got {heldout_safe}")
     names, source = unsafe_catalogue(metadata)
     taken = _spread(names, n_unsafe)
-    eligible = [c for c, v in taken.items() if len(v) >= 2]
-    if heldout_unsafe is None:
-        heldout_unsafe = min(DEFAULT_HELDOUT, len(eligible))
-    if heldout_unsafe < 0 or heldout_unsafe > len(eligible):
-        raise ValueError(f"heldout_unsafe: must be between 0 and {len(eligible)} (categories with at least "
-                         f"2 concepts among the {n_unsafe} chosen), got {heldout_unsafe}")
+    roles: dict[str, str] = {}
+
+    fixed = random.Random(VALIDATION_DRAW)
+    for name in _draw_keeping_one(fixed, taken, validation_unsafe, "validation_unsafe"):
+        roles[name] = "validation"
     rng = random.Random(f"heldout-{seed}")
-    heldout_categories = set(rng.sample(eligible, heldout_unsafe))
+    remaining = {c: [n for n in v if n not in roles] for c, v in taken.items()}
+    if heldout_unsafe is None:
+        heldout_unsafe = min(DEFAULT_HELDOUT, sum(len(v) >= 2 for v in remaining.values()))
+    for name in _draw_keeping_one(rng, remaining, heldout_unsafe, "heldout_unsafe"):
+        roles[name] = "heldout_concept"
 
     concepts: list[Concept] = []
     for category, chosen in taken.items():
-        for i, name in enumerate(chosen):
-            held = category in heldout_categories and i == len(chosen) - 1
+        for name in chosen:
             concepts.append(Concept(name=name, category=category, is_safe=False,
                                     safety_level=CATEGORIES[category], risk_type=category.lower(),
-                                    split="heldout_concept" if held else "train"))
+                                    split=roles.get(name, "train")))
     safe_names = SAFE_NAMES[:n_safe]
-    heldout_safe_names = set(rng.sample(safe_names, heldout_safe))
+    for name in fixed.sample(safe_names, validation_safe):
+        roles[name] = "validation"
+    for name in rng.sample([n for n in safe_names if n not in roles], heldout_safe):
+        roles[name] = "heldout_concept"
     for name in safe_names:
         concepts.append(Concept(name=name, category=SAFE_CATEGORY, is_safe=True, safety_level=0,
-                                risk_type="none",
-                                split="heldout_concept" if name in heldout_safe_names else "train"))
+                                risk_type="none", split=roles.get(name, "train")))
     clash = {c.name for c in concepts if not c.is_safe} & set(safe_names)
     if clash:
         raise ValueError(f"concept names used as both safe and unsafe: {sorted(clash)}")

@@ -1,0 +1,145 @@
+"""Hyperparameter selection on the validation split, with one criterion fixed before any trial.
+
+Why here and not in a recipe: choosing stage 2's length or a method's learning rate needs a full
+evaluation of each trial on data held out of training, and the pipeline is the layer that owns
+both the recipes and the evaluations. Every selectable stage is treated alike: the trials of its
+`selection.<stage>` grid are trained into `<stage>/trials/<key>=<value>/`, each is evaluated on the
+validation split, the best by `eval.headline.selection_score` (ties: the earlier value in the
+list) becomes the stage's result, and `<stage>/selection.json` records the table. The reported
+splits are never read while choosing. PPO, SFT and DPO must be given the same number of trials.
+With `reuse`, the values chosen in another run folder are trained once instead (a study chooses on
+its first seed's validation split, whose concepts no seed reports).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from safety_modules.configio import ConfigError
+
+SELECTION_FILE = "selection.json"
+TRIALS_DIR = "trials"
+EQUAL_BUDGET = ("ppo", "sft", "dpo")       # the methods compared: the same number of trials each
+SELECTABLE = ("stage2", *EQUAL_BUDGET)
+KEPT = ("adapter", "summary.json", "config.json", "metrics.jsonl", "sweep.json")   # copied from the best trial
+
+
+@dataclass
+class Trials:
+    """The values one key of a stage's section is tried with (e.g. key train.lr, three rates)."""
+
+    key: str = ""
+    values: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if bool(self.key) != bool(self.values):
+            raise ConfigError("key/values: give both (a dotted key of the stage's section and the values to try) "
+                              "or neither")
+        if len(set(map(str, self.values))) != len(self.values):
+            raise ConfigError(f"values: {self.values} repeats a value")
+
+
+@dataclass
+class SelectionSection:
+    """`selection:` of a run YAML. `split: ""` turns selection off (each stage trains once)."""
+
+    split: str = "validation"
+    reuse: str = ""                     # a run folder whose <stage>/selection.json choices are reused
+    stage2: Trials = field(default_factory=Trials)
+    ppo: Trials = field(default_factory=Trials)
+    sft: Trials = field(default_factory=Trials)
+    dpo: Trials = field(default_factory=Trials)
+
+    def __post_init__(self) -> None:
+        budgets = {name: len(getattr(self, name).values) for name in EQUAL_BUDGET}
+        if len(set(budgets.values())) > 1:
+            raise ConfigError(f"selection: ppo, sft and dpo must each get the same number of trials (a fair "
+                              f"comparison), got {budgets}")
+
+    def trials(self, stage: str) -> Trials | None:
+        """The grid of `stage`, None when it is trained once with its own settings."""
+        grid = getattr(self, stage, None) if stage in SELECTABLE else None
+        return grid if self.split and grid is not None and grid.values else None
+
+
+def trial_name(key: str, value: Any) -> str:
+    return f"{key}={value}"
+
+
+def nested(key: str, value: Any) -> dict[str, Any]:
+    """"train.lr", 1e-4 -> {"train": {"lr": 1e-4}} (an override of a config section)."""
+    out: dict[str, Any] = {}
+    node = out
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return out
+
+
+def _keep(src: Path, dst: Path) -> None:
+    """Copy the kept outputs of the chosen trial into the stage folder (replacing earlier ones)."""
+    for name in KEPT:
+        source, target = src / name, dst / name
+        if not source.exists():
+            continue
+        if target.is_dir():
+            shutil.rmtree(target)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copy2(source, target)
+
+
+def reused_value(run_dir: str | Path, stage: str, key: str) -> Any:
+    """The value chosen for `stage` in an earlier run folder (a ConfigError naming `selection.reuse`)."""
+    path = Path(run_dir) / stage / SELECTION_FILE
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+        chosen = table["chosen"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"selection.reuse: cannot read the choice of {stage} from {path} ({exc})") from None
+    if table.get("key") != key:
+        raise ConfigError(f"selection.reuse: {path} chose {table.get('key')!r}, this config tries {key!r}")
+    return chosen
+
+
+def select(stage: str, trials: Trials, out: Path,
+           train: Callable[[Path, dict[str, Any]], dict],
+           validate: Callable[[Path, Path], dict[str, float | None]],
+           score: Callable[[dict[str, float | None]], float], criterion: str,
+           main: bool = True, barrier: Callable[[], None] = lambda: None) -> dict:
+    """Train and validate every trial of `trials`, keep the best in `out`; returns the stage summary.
+
+    `train(trial_dir, overrides)` trains into `trial_dir` (its adapter in `trial_dir/adapter`);
+    `validate(adapter_dir, eval_dir)` returns the validation numbers of that adapter; `score`
+    turns them into the criterion (higher is better), which `criterion` describes. A finished trial (summary.json and validation
+    numbers present) is read back, so an interrupted selection continues. Under torchrun every
+    rank trains and validates (sharded); only the `main` one writes, and `barrier` syncs the others.
+    """
+    rows = []
+    for value in trials.values:
+        trial_dir = out / TRIALS_DIR / trial_name(trials.key, value)
+        numbers_file = trial_dir / "validation.json"
+        if numbers_file.is_file() and (trial_dir / "summary.json").is_file():
+            numbers = json.loads(numbers_file.read_text(encoding="utf-8"))
+        else:
+            train(trial_dir, {trials.key: value})
+            numbers = validate(trial_dir / "adapter", trial_dir / "eval_validation")
+            if main:
+                numbers_file.write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
+        rows.append({"value": value, "run_dir": str(trial_dir), "validation": numbers, "score": score(numbers)})
+    best = max(rows, key=lambda row: (row["score"], -rows.index(row)))
+    table = {"stage": stage, "key": trials.key, "chosen": best["value"], "criterion": criterion,
+             "trials": rows}
+    if main:
+        _keep(Path(best["run_dir"]), out)
+        (out / SELECTION_FILE).write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    barrier()
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    summary["selection"] = {"key": trials.key, "chosen": best["value"], "file": str(out / SELECTION_FILE)}
+    return summary
