@@ -2,8 +2,9 @@
 
 Layouts, same shapes, same batch, same hyper-parameters, one PPO step each (sample answers, score
 them, reward them, one clipped policy + value update with AdamW):
-- ours: ONE trunk. Policy = base + safety modules + LoRA; reference = the same trunk under
-  `disable_adapter()` (no second copy); value = a linear head on the policy's last hidden state
+- ours: ONE trunk. Policy = base + safety modules + LoRA; reference = the frozen starting policy on
+  the same base (a frozen copy of the LoRA + a snapshot of the safety tokens, no second base);
+  value = a linear head on the policy's last hidden state
   (one forward gives log-probs and values, one backward trains both); vision tower once per rollout.
 - reference (the reference code's layout): separate policy (base + safety modules + LoRA),
   reference (a second base + the same safety modules, frozen) and value model (a third base + the
@@ -107,6 +108,7 @@ class Setup:
         import numpy as np
 
         from safety_modules import add_lora, attach, build_prompt
+        from training.rl.reference import REFERENCE_ADAPTER
         from training.rl.rollout import PolicyWithValue
 
         self.args, self.device, self.dtype = args, device, dtype
@@ -116,21 +118,22 @@ class Setup:
         copies = [copy.deepcopy(base), copy.deepcopy(base)] if args.layout == "reference" else []
         torch.manual_seed(0)
         policy_model = add_lora(attach(base, cfg, processor), r=self.lora_r, alpha=16)
+        policy_model.safety.requires_grad_(False)           # PPO's trainable set, chosen before the reference
+        policy_model.safety.llm_tokens.requires_grad_(True)  # snapshot is taken
         self.policy = PolicyWithValue(policy_model)
         self.processor = policy_model.processor
         self.tokenizer = self.processor.tokenizer
         if args.layout == "reference":
             self.reference = attach(copies[0], cfg, processor)
             value_vlm = add_lora(attach(copies[1], cfg, processor), r=self.lora_r, alpha=16)
-            self.value = PolicyWithValue(value_vlm)
             for model in (self.reference, value_vlm):
                 model.safety.load_state_dict(policy_model.safety.state_dict())
                 model.safety.requires_grad_(False)
                 model.eval()
+            self.value = PolicyWithValue(value_vlm)
+            value_vlm.base.delete_adapter(REFERENCE_ADAPTER)   # a value model holds no KL reference
             self.reference.requires_grad_(False)
             del copies
-        policy_model.safety.requires_grad_(False)
-        policy_model.safety.llm_tokens.requires_grad_(True)
         if args.gradient_checkpointing:
             for model in self.trunks():
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -163,7 +166,7 @@ class Setup:
                          min_new_tokens=args.new_tokens)
         P = rollout.prompt_len
         if args.layout == "ours":
-            scored = score_tokens(self.policy, rollout)                   # policy + values, then LoRA off
+            scored = score_tokens(self.policy, rollout)                   # policy + values, then the start
             old_logp, ref_logp, old_values = scored["logp"], scored["ref_logp"], scored["values"]
         else:
             with torch.no_grad():

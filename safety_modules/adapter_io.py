@@ -84,8 +84,8 @@ def save_adapter(model: SafetyVLM, directory: str | Path) -> Path:
         "has_lora": hasattr(model.base, "peft_config"),
     }
     _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
-    if meta["has_lora"]:
-        model.base.save_pretrained(directory)
+    if meta["has_lora"]:   # the active LoRA only: another adapter (e.g. PPO's frozen reference) is not the model's
+        model.base.save_pretrained(directory, selected_adapters=[model.base.active_adapter])
     return directory
 
 

@@ -3,10 +3,11 @@
 Every run is a real one-process DeepSpeed ZeRO-2 run on CPU. Both baselines start from a stage-2
 adapter (safety modules + a LoRA whose B matrices are non-zero, so that the LoRA changes the model
 and "LoRA disabled" is a different model): SFT lowers the response LM loss, DPO raises the reward
-accuracy and margin; the reference log-probabilities DPO used (LoRA disabled) equal those of a fresh
-model carrying the same safety modules and no LoRA, bit for bit; the exported adapters load onto a
-fresh base and give the trained model's logits exactly; a sweep keeps the run that is best on the
-held-out slice of the training records.
+accuracy and margin; the reference log-probabilities DPO used equal, bit for bit, those of a fresh
+model carrying the stage-2 adapter (`reference: start`, the default: margins start at 0) or the
+same safety modules and no LoRA (`reference: base`); the exported adapters load onto a fresh base
+and give the trained model's logits exactly; a sweep keeps the run that is best on the held-out
+slice of the training records.
 """
 
 from __future__ import annotations
@@ -121,10 +122,11 @@ def pair_logps(model, rows: list[dict], batch_size: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def test_dpo_raises_reward_accuracy_against_the_exact_no_lora_reference(tmp_path, stage2):
+def test_dpo_raises_reward_accuracy_against_the_exact_base_reference(tmp_path, stage2):
     data, adapter = stage2
     cfg = DPOConfig(run_dir=str(tmp_path / "run" / "dpo"), model=ModelSpec("tiny"), adapter=str(adapter),
-                    heldout_fraction=0.25, beta=0.1, data=DataConfig(train=str(data)), train=train_cfg())
+                    reference="base", heldout_fraction=0.25, beta=0.1, data=DataConfig(train=str(data)),
+                    train=train_cfg())
     model = build_dpo_model(cfg)
     summary = train_dpo(cfg, model)
     before, after = summary["train_before"], summary["train_after"]
@@ -135,7 +137,7 @@ def test_dpo_raises_reward_accuracy_against_the_exact_no_lora_reference(tmp_path
     assert summary["margin_after"] > summary["margin_before"]
     lines = [json.loads(x) for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 12 and {"reward_accuracy", "margin", "loss"} <= set(lines[-1])
-    # The reference the run used (computed under disable_adapter) is the no-LoRA model, bit for bit.
+    # The reference the run used (`base`: computed under disable_adapter) is the no-LoRA model, bit for bit.
     records = load_training_records(cfg.data, SAFETY, require_answer=True, require_labels=False)
     train_rows, heldout_rows = split_heldout(records, cfg.heldout_fraction, cfg.seed)
     saved = load_file(str(Path(cfg.run_dir) / "reference_logps.safetensors"))
@@ -149,14 +151,22 @@ def test_dpo_raises_reward_accuracy_against_the_exact_no_lora_reference(tmp_path
     assert_adapter_reproduces(model, Path(summary["adapter"]), list(train_rows)[:6])
 
 
-def test_dpo_against_the_initial_policy_starts_from_zero_margins(tmp_path, stage2):
+def test_dpo_default_reference_is_the_starting_policy(tmp_path, stage2):
     data, adapter = stage2
-    cfg = DPOConfig(run_dir=str(tmp_path / "dpo"), model=ModelSpec("tiny"), adapter=str(adapter), reference="initial",
+    cfg = DPOConfig(run_dir=str(tmp_path / "dpo"), model=ModelSpec("tiny"), adapter=str(adapter),
                     heldout_fraction=0.25, eval_records=4, answer_tokens=0, data=DataConfig(train=str(data)),
                     train=train_cfg(max_steps=3))
+    assert cfg.reference == "start"
     summary = train_dpo(cfg, build_dpo_model(cfg))
+    assert summary["reference"] == "start"
     assert summary["train_before"]["margin"] == 0.0 and summary["train_before"]["reward_accuracy"] == 0.0
     assert summary["train_after"]["margin"] > 0 and "answer_accuracy" not in summary["heldout_after"]
+    # The table it used is the stage-2 model's own log-probs (a fresh base + the stage-2 adapter), bit for bit.
+    records = load_training_records(cfg.data, SAFETY, require_answer=True, require_labels=False)
+    train_rows, _ = split_heldout(records, cfg.heldout_fraction, cfg.seed)
+    saved = load_file(str(Path(cfg.run_dir) / "reference_logps.safetensors"))
+    assert torch.equal(saved["train"], pair_logps(fresh_model(adapter, lora=True), list(train_rows),
+                                                  cfg.train.micro_batch_size))
 
 
 def test_sweep_keeps_the_best_run_on_the_heldout_slice(tmp_path, stage2, capsys):
@@ -211,6 +221,8 @@ def test_bad_inputs_stop_with_a_clear_error(tmp_path, stage2, capsys):
     assert f"stage-2 adapter folder {tmp_path / 'nowhere'} not found" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"dpo: beta: must be > 0, got 0"):
         load_baseline_config("dpo", DPOConfig, config, ["beta=0"])
+    with pytest.raises(ConfigError, match=r"dpo: reference: must be one of \['start', 'base'\], got 'no_lora'"):
+        load_baseline_config("dpo", DPOConfig, config, ["reference=no_lora"])
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text("run_dir: x\nmodel: {path: tiny}\nsft:\n  lr: 1e-3\n")
     with pytest.raises(ConfigError, match=r"sft.lr: unknown key"):

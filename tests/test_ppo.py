@@ -5,15 +5,15 @@ each, a stage-2 adapter (safety modules + a LoRA whose B matrices are non-zero, 
 is a different model), and a response classifier really trained with `train_classifier` on a few
 generated answers (a handful of steps: its judgements are weak, but its outputs are real).
 
-- the reference (LoRA disabled) gives exactly the logits of a fresh model carrying the same safety
-  modules and no LoRA; the policy's differ;
-- one trunk: policy, reference and value share every tensor (counted by storage pointer), the
-  reference forward reads the policy's own base storage and no LoRA tensor; a deep-copied
-  reference (the reference code's layout) is caught by the same count;
+- one trunk: policy, reference and value share the base (counted by storage pointer): the reference
+  adds only its frozen LoRA copy and the safety-token snapshot, and its forward reads the policy's
+  own base storage, not the trained LoRA nor the live safety tokens; a deep-copied reference (the
+  reference code's layout) is caught by the same count (the reference's values: test_ppo_reference.py);
 - reward values (log-prob and prob) equal the classifier's own log-softmax over the task labels,
   for plain strings and for TRL's conversational format;
-- a short one-process ZeRO-2 PPO run logs finite metrics and exports an adapter that loads onto a
-  fresh base and reproduces the trained model exactly; frozen parts stay frozen;
+- a short one-process ZeRO-2 PPO run logs finite metrics (first-step KL 0: the reference is the
+  start) and exports an adapter that loads onto a fresh base like any other (no reference in it)
+  and reproduces the trained model exactly; frozen parts stay frozen;
 - slow: a 2-process ZeRO-3 run (parameters really partitioned) exports an adapter that loads; a run
   resumed from its step-2 checkpoint reproduces the uninterrupted run's metrics and weights.
 """
@@ -36,13 +36,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from red_blue import save_stage2_adapter, write_red_blue_world
-from safety_modules import SafetyConfig, attach, load_adapter
+from safety_modules import SafetyConfig, load_adapter
 from safety_modules.loading import load_base
 from safevlm.cli import main as cli_main
 from training.config import DataConfig, ModelSpec, TrainConfig
-from training.rl.losses import token_logprobs, whiten
+from training.rl.losses import whiten
 from training.rl.reward import ClassifierReward, classifier_reward_fn
-from training.rl.rollout import PolicyWithValue, reference_context, sample, score_tokens
+from training.rl.reference import REFERENCE_ADAPTER
+from training.rl.rollout import PolicyWithValue
 from training.rl.trainer import BalancedPrompts, PPOSpec, PromptCollator, RolloutSpec, global_whiten
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,9 +76,11 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "data": data, "stage2": root / "stage2", "classifier": root / "classifiers" / "reward"}
 
 
-def policy_from(stage2: Path) -> PolicyWithValue:
-    base, processor = load_base("tiny")
-    return PolicyWithValue(load_adapter(base, stage2, processor, trainable=True).eval())
+def policy_from(setup) -> PolicyWithValue:
+    """The PPO recipe's policy on the stage-2 adapter (its trainable set: LoRA + LLM-side safety tokens)."""
+    from training.recipes.ppo import build_ppo_model
+
+    return build_ppo_model(ppo_config(setup, setup["root"] / "unused")).eval()
 
 
 def prompt_rows(data: Path, n: int = 4) -> list[dict]:
@@ -88,31 +91,6 @@ def prompt_rows(data: Path, n: int = 4) -> list[dict]:
 
 
 # -- one trunk ------------------------------------------------------------------------------------
-def test_reference_forward_equals_a_fresh_model_without_lora(setup):
-    policy = policy_from(setup["stage2"])
-    fresh_base, processor = load_base("tiny")
-    fresh = attach(fresh_base, SAFETY, processor).eval()
-    fresh.safety.load_state_dict(load_file(str(setup["stage2"] / "safety_adapter.safetensors")))
-
-    batch = PromptCollator(policy.model.processor)(prompt_rows(setup["data"]))
-    torch.manual_seed(1)
-    rollout = sample(policy, batch, policy.model.processor.tokenizer, max_new_tokens=6, temperature=1.0, top_p=1.0)
-    with torch.no_grad():
-        with reference_context(policy):
-            ref = policy.model(rollout.input_ids, rollout.attention_mask, images=rollout.images, run_head=False).logits
-        own = policy.model(rollout.input_ids, rollout.attention_mask, images=rollout.images, run_head=False).logits
-        expected = fresh(rollout.input_ids, rollout.attention_mask, pixel_values=batch["pixel_values"],
-                         run_head=False).logits
-    assert torch.equal(ref, expected)
-    assert not torch.allclose(own, expected, atol=1e-3)            # the LoRA matters, so the test has teeth
-    # score_tokens' reference log-probs are the fresh model's, token for token
-    scored = score_tokens(policy, rollout)
-    P = rollout.prompt_len
-    fresh_logp = token_logprobs(expected[:, P - 1:-1].float(), rollout.response)
-    assert torch.equal(scored["ref_logp"], fresh_logp)
-    assert scored["values"].shape == rollout.response.shape and torch.all(scored["values"] == 0)  # zero-init head
-
-
 def _ptrs(tensors) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
 
@@ -132,30 +110,36 @@ class _StorageReads(TorchDispatchMode):
 
 
 def test_one_trunk_holds_no_duplicated_parameter_storage(setup):
-    policy = policy_from(setup["stage2"])
+    policy = policy_from(setup)
     model = policy.model
-    tensors = list(model.parameters()) + list(model.buffers())            # the policy
-    with reference_context(policy):                                       # the reference
-        reference = list(model.parameters()) + list(model.buffers())
-    value = list(policy.value_head.parameters())                          # the value function
-    everything = {id(t): t for t in tensors + reference + value}
-    assert len(_ptrs(everything.values())) == len(everything)             # one storage per distinct tensor
-    assert _ptrs(reference) <= _ptrs(tensors)                             # the reference adds none
-    assert len(_ptrs(tensors + reference + value)) == len(_ptrs(tensors)) + 2   # value head: weight + bias only
+    named = dict(model.named_parameters())
+    live_lora = [p for n, p in named.items() if "lora_" in n and f".{REFERENCE_ADAPTER}." not in n]
+    ref_lora = [p for n, p in named.items() if f".{REFERENCE_ADAPTER}." in n]
+    snapshot = list(policy.reference.buffers())
+    base_weights = [p for n, p in named.items() if "lora_" not in n and "language_model" in n]
+    assert live_lora and base_weights and len(ref_lora) == len(live_lora)
+    tensors = list(policy.parameters()) + list(policy.buffers())           # policy, reference, value: one module
+    assert len(_ptrs(tensors)) == len({id(t) for t in tensors if t.numel()})   # one storage per distinct tensor
+    # Beyond the plain stage-2 model, the reference holds only a LoRA copy and the safety-token snapshot.
+    plain = load_adapter(load_base("tiny")[0], setup["stage2"])
+    extra = sum(t.numel() for t in tensors) - sum(t.numel() for t in list(plain.parameters()) + list(plain.buffers()))
+    value = sum(p.numel() for p in policy.value_head.parameters())
+    assert extra == sum(p.numel() for p in live_lora) + model.safety.llm_tokens.numel() + value
 
-    lora = [p for n, p in model.named_parameters() if "lora_" in n]
-    base_weights = [p for n, p in model.base.named_parameters() if "lora_" not in n and "language_model" in n]
-    assert lora and base_weights
     batch = PromptCollator(model.processor)(prompt_rows(setup["data"], 2))
-    with torch.no_grad(), reference_context(policy), _StorageReads() as reads:
-        model(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"], run_head=False)
-    assert _ptrs(base_weights) <= reads.seen          # it reads the policy's own base weights in place ...
-    assert not (_ptrs(lora) & reads.seen)             # ... and not the LoRA
+    images = model.encode_images(batch["pixel_values"])
+    prompt_len = batch["input_ids"].shape[1] - 1
+    with _StorageReads() as reads:
+        policy.reference_logits(batch["input_ids"], batch["attention_mask"], images, prompt_len)
+    assert _ptrs(base_weights) <= reads.seen                     # it reads the policy's own base weights in place,
+    assert _ptrs(ref_lora + snapshot) <= reads.seen              # the frozen start ...
+    assert not (_ptrs(live_lora + [model.safety.llm_tokens]) & reads.seen)   # ... and nothing the policy trains
 
     # The reference code's layout (a second copy as the reference) fails the same count.
     duplicate = copy.deepcopy(model)
-    copies = tensors + list(duplicate.parameters()) + list(duplicate.buffers())
-    assert len(_ptrs(copies)) == 2 * len(_ptrs(tensors))
+    model_tensors = list(model.parameters()) + list(model.buffers())
+    copies = model_tensors + list(duplicate.parameters()) + list(duplicate.buffers())
+    assert len(_ptrs(copies)) == 2 * len(_ptrs(model_tensors))
 
 
 # -- reward -----------------------------------------------------------------------------------------
@@ -270,14 +254,20 @@ def test_short_ppo_run_logs_finite_metrics_and_exports_a_loadable_adapter(setup,
         assert all(math.isfinite(m[k]) for k in METRICS), m
         assert 0 <= m["accuracy"] <= 1 and m["entropy"] > 0 and m["response_length"] > 0
         assert m["optimizer_steps"] == 4                    # 2 epochs x 2 minibatches (target_kl off)
-    assert lines[0]["kl"] != 0                              # the stage-2 LoRA already moved the policy
+    assert abs(lines[0]["kl"]) < 1e-6                       # the reference is the policy PPO starts from
+    assert summary["reference"] == "start" and summary["reference_adapter"] == str(setup["stage2"])
     assert summary["steps"] == 3 and summary["records"] == 16 and summary["eval_records"] == 8
     assert all(math.isfinite(summary[k]) for k in ("reward_before", "reward_after", "accuracy_before"))
 
-    # the export on a fresh base is exactly the trained model; frozen parts are the stage-2 ones
+    # the export is an adapter like stage 2's (same files, same tensor names: no reference in it) ...
     adapter = Path(summary["adapter"])
+    assert sorted(p.name for p in adapter.iterdir()) == sorted(p.name for p in setup["stage2"].iterdir())
+    for name in ("safety_adapter.safetensors", "adapter_model.safetensors"):
+        assert set(load_file(str(adapter / name))) == set(load_file(str(setup["stage2"] / name)))
+    # ... and on a fresh base it is exactly the trained model; frozen parts are the stage-2 ones
     fresh_base, processor = load_base("tiny")
     fresh = load_adapter(fresh_base, adapter, processor).eval()
+    assert set(fresh.base.peft_config) == {"default"}
     model = policy.model.eval()
     batch = PromptCollator(model.processor)(prompt_rows(setup["data"], 3))
     with torch.no_grad():
@@ -348,6 +338,7 @@ ppo:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
     assert all(math.isfinite(m[k]) for m in lines for k in METRICS)
+    assert abs(lines[0]["kl"]) < 1e-6                      # the partitioned reference adapter is the start too
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_records"] == 8
     base, processor = load_base("tiny")

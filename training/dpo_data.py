@@ -6,12 +6,15 @@ rejected sequences as one batch of 2B rows (chosen first) with training/collator
 `TrainingCollator`, so both answers get exactly the prompt format, masking and safety-token
 layout of every other stage, and one forward pass scores both.
 
-The reference log-probabilities are computed once, before training, with the LoRA disabled
-(`model.base.disable_adapter()`, no second copy of the model, under no_grad), and looked up by
-`pair_index` during training. Why once: the LLM-side safety tokens are trained together with the
-LoRA, so a reference recomputed at every step would drift with them; computed up front it is
-exactly "the stage-2 base + safety modules without the LoRA" for the whole run, and it costs one
-forward pass over the data instead of one per step.
+The reference log-probabilities are computed once, before training (and before a resumed run loads
+its checkpoint), under no_grad, and looked up by `pair_index` during training. The reference is
+`REFERENCE_START` by default: the policy DPO starts from (the stage-2 LoRA, safety tokens and
+modules), as in the DPO paper and TRL, so every implicit reward margin starts at 0.
+`REFERENCE_BASE` is the same model with its LoRA disabled (`model.base.disable_adapter()`), i.e. the
+model before stage 2's LoRA + the safety modules. Why once: the LoRA and the LLM-side safety tokens
+are what DPO trains, so a reference recomputed at every step would drift with them; computed up
+front it is exactly the chosen model for the whole run, with no second copy of the model, and it
+costs one forward pass over the data instead of one per step.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from training.collator import IGNORE_INDEX, TrainingCollator
 from training.rl.losses import token_logprobs
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+REFERENCE_START = "start"     # the starting policy: the model as loaded (stage-2 LoRA on)
+REFERENCE_BASE = "base"       # the starting model with its LoRA disabled (base + safety modules)
+REFERENCES = (REFERENCE_START, REFERENCE_BASE)
 
 
 class IndexedRows:
@@ -90,14 +96,17 @@ def _move(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dty
 
 @torch.no_grad()
 def reference_logps(model, dataset, collate: PairCollator, batch_size: int, *, forward: Callable | None = None,
-                    no_lora: bool = True, device: torch.device | None = None,
+                    reference: str = REFERENCE_START, device: torch.device | None = None,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(len(dataset), 2) float32 table of [chosen, rejected] log-probabilities, on CPU.
 
-    `model` is the attached model (its LoRA is disabled when `no_lora`); `forward` the callable to
-    run (its DeepSpeed engine; default the model). Rows are sharded over the processes and the
-    table all-reduced, every process running the same number of batches (ZeRO-3 gathers in step).
+    `model` is the attached model, as it is (`reference` "start") or with its LoRA disabled
+    ("base"); `forward` the callable to run (its DeepSpeed engine; default the model). Rows are
+    sharded over the processes and the table all-reduced, every process running the same number of
+    batches (ZeRO-3 gathers in step).
     """
+    if reference not in REFERENCES:
+        raise ValueError(f"reference: must be one of {list(REFERENCES)}, got {reference!r}")
     forward = forward or model
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n = len(dataset)
@@ -109,7 +118,7 @@ def reference_logps(model, dataset, collate: PairCollator, batch_size: int, *, f
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    context = model.base.disable_adapter() if no_lora else nullcontext()
+    context = model.base.disable_adapter() if reference == REFERENCE_BASE else nullcontext()
     with context:
         for start in range(0, per_rank, batch_size):
             indices = mine[start:start + batch_size]

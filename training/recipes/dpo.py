@@ -1,17 +1,16 @@
 """DPO baseline: the stage-2 model trained to prefer the correct answer over the opposite one.
 
 Pairs from the concept world's `records/dpo.jsonl` (the same images, prompts and labels as PPO):
-chosen = the gpt turn, rejected = the record's `rejected`. Policy = base + stage-2 safety modules +
-LoRA (LoRA and LLM-side safety tokens trained); reference = the same model with the LoRA disabled
-(`model.base.disable_adapter()`, no second copy), i.e. base + safety modules, as for PPO. Its
-log-probabilities are computed once before training (training/dpo_data.py says why) and written to
-`<run_dir>/reference_logps.safetensors`. Sequence log-prob = sum over the response tokens.
-Loss: `training.rl.losses.dpo_loss` (Rafailov et al. 2023) with `beta`.
-
-Because the reference is the model *without* the stage-2 LoRA, the implicit reward margins are not
-zero before training: they already show how far stage 2 moved the model towards (or away from) the
-correct answers. `reference: initial` uses the starting policy itself (LoRA on) as the reference
-instead, the textbook DPO choice, at no extra memory either.
+chosen = the gpt turn, rejected = the record's `rejected` (the same answer with the opposite
+verdict). Policy = base + stage-2 safety modules + LoRA (LoRA and LLM-side safety tokens trained).
+Reference (`reference:`): `start` (default), the starting policy itself -- the stage-2 LoRA, safety
+tokens and modules -- as in the DPO paper and TRL, so the implicit reward margins start at 0 and
+measure only what DPO changed; `base`, the same model with the LoRA disabled (base + safety
+modules), whose margins before training already show how far stage 2 moved the model. Either way
+its log-probabilities are computed once before training (training/dpo_data.py says why), with no
+second copy of the model, and written to `<run_dir>/reference_logps.safetensors`; the summary
+records which was used. Sequence log-prob = sum over the response tokens. Loss:
+`training.rl.losses.dpo_loss` (Rafailov et al. 2023) with `beta`.
 
 Summary metrics (before/after, on the training records and the held-out slice): reward accuracy
 (share of pairs with beta x margin > 0), mean margin, DPO loss, policy accuracy (the policy's own
@@ -32,7 +31,8 @@ from safetensors.torch import save_file
 
 from safety_modules.configio import ConfigError
 from training.config import ModelSpec, TrainConfig
-from training.dpo_data import IndexedRows, PairCollator, check_pairs, reference_logps, sequence_logps
+from training.dpo_data import (REFERENCE_START, REFERENCES, IndexedRows, PairCollator, check_pairs, reference_logps,
+                               sequence_logps)
 from training.engine import Trainer, is_main
 from training.recipes import export_adapter, load_training_records, measured_before, save_run_config, write_json
 from training.recipes.baselines import (BaselineSection, baseline_train_defaults, build_baseline_model, limited,
@@ -43,7 +43,6 @@ from training.rl.losses import dpo_loss
 # loss alone keeps falling as the rate grows while both answers' likelihoods collapse (on the concept
 # world lr 3e-4 / 1e-3 reached held-out DPO loss 0.11 / 0.005 with 96% / 74% of answers right).
 SWEEP_METRICS = [("answer_accuracy", "max"), ("dpo_loss", "min")]
-REFERENCES = ("no_lora", "initial")
 
 
 @dataclass
@@ -51,12 +50,14 @@ class DPOSection(BaselineSection):
     """The `dpo:` block of a run YAML.
 
     beta 0.1: the DPO paper's default. lr 1e-4: the best of `--sweep train.lr=2e-6,3e-5,1e-4,3e-4,1e-3`
-    on the concept world after stage 2 (held-out answers right 100/100/100/96/74%; held-out DPO loss
-    0.568 before, 0.563 at the reference code's 2e-6 -- it barely moved the model -- 0.331 at 1e-4).
+    on the concept world after stage 2, measured with `reference: base` and the earlier rejected
+    answers (held-out answers right 100/100/100/96/74%; held-out DPO loss 0.568 before, 0.563 at the
+    reference code's 2e-6 -- it barely moved the model -- 0.331 at 1e-4).
+    `reference`: `start` (the starting policy, default) or `base` (its LoRA disabled); see above.
     """
 
     beta: float = 0.1
-    reference: str = "no_lora"   # no_lora: stage-2 base + safety modules without the LoRA; initial: the starting policy
+    reference: str = REFERENCE_START
     train: TrainConfig = field(default_factory=baseline_train_defaults(1e-4))
 
     def __post_init__(self) -> None:
@@ -135,7 +136,7 @@ def train_dpo(cfg: DPOConfig, model, resume: bool = False) -> dict[str, Any]:
 
     def table(rows) -> torch.Tensor:
         return reference_logps(model, rows, collate, cfg.train.micro_batch_size, forward=trainer.engine,
-                               no_lora=cfg.reference == "no_lora", device=trainer.engine.device,
+                               reference=cfg.reference, device=trainer.engine.device,
                                dtype=trainer.dtype)
 
     reference.copy_(table(train_pairs))

@@ -1,21 +1,23 @@
 """Rollouts for PPO: sample answers with the safety modules active, then score them token by token.
 
-One trunk serves three roles: the policy (LoRA on), the reference (the same weights under
-`disable_adapter()`, no second copy) and the value function (a linear head on the policy's last
-hidden state). The vision tower runs once per rollout; its features are reused by every later
-forward pass of the PPO epochs (the vision tower and both projectors are frozen in PPO).
+One trunk serves three roles: the policy (the trained LoRA), the reference (the frozen starting
+policy: the same base with a frozen copy of the starting LoRA and a snapshot of the safety tokens,
+training/rl/reference.py) and the value function (a linear head on the policy's last hidden state).
+The vision tower runs once per rollout; its features are reused by every later forward pass of the
+PPO epochs (the vision tower and both projectors are frozen in PPO).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from safety_modules.attach import EncodedImages, SafetyVLM
 from training.rl.losses import entropy_from_logits, token_logprobs
+from training.rl.reference import StartingPolicy
 
 
 class ValueHead(nn.Module):
@@ -32,12 +34,18 @@ class ValueHead(nn.Module):
 
 
 class PolicyWithValue(nn.Module):
-    """The module DeepSpeed trains in PPO: the attached VLM plus its value head."""
+    """The module DeepSpeed trains in PPO: the attached VLM, its value head and its KL reference.
+
+    The reference is `model` as it is at construction (build it after choosing what is trainable):
+    `reference_logits` computes with that frozen start whatever the policy has learnt since.
+    """
 
     def __init__(self, model: SafetyVLM) -> None:
         super().__init__()
         self.model = model
-        self.value_head = ValueHead(model.config.text_config.hidden_size).to(next(model.safety.parameters()).device)
+        device = next(model.safety.parameters()).device
+        self.value_head = ValueHead(model.config.text_config.hidden_size).to(device)
+        self.reference = StartingPolicy(model).to(device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: EncodedImages,
                 response_start: int, with_value: bool = True) -> dict[str, torch.Tensor]:
@@ -54,6 +62,15 @@ class PolicyWithValue(nn.Module):
         if with_value:
             result["values"] = self.value_head(out.hidden_states[-1][:, response_start - 1:-1])
         return result
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: EncodedImages,
+                         response_start: int) -> torch.Tensor:
+        """`forward`'s logits under the frozen starting policy (reference LoRA, snapshot of the safety tensors)."""
+        with self.reference.active(self.model) as snapshot:
+            out = functional_call(self, {f"model.{name}": t for name, t in snapshot.items()},
+                                  (input_ids, attention_mask, images, response_start), {"with_value": False})
+        return out["logits"]
 
 
 @dataclass
@@ -109,12 +126,6 @@ def sample(policy: PolicyWithValue, batch: dict[str, torch.Tensor], tokenizer, m
     )
 
 
-def reference_context(policy: PolicyWithValue):
-    """The context in which `policy` computes the reference model: its LoRA disabled (same tensors)."""
-    base = policy.model.base
-    return base.disable_adapter() if hasattr(base, "disable_adapter") else nullcontext()
-
-
 def select(rollout: Rollout, index: torch.Tensor | list[int]) -> Rollout:
     """The rows `index` of a rollout (a PPO minibatch); vision features are reused, not recomputed."""
     idx = torch.as_tensor(index, dtype=torch.long)
@@ -131,15 +142,14 @@ def select(rollout: Rollout, index: torch.Tensor | list[int]) -> Rollout:
 
 @torch.no_grad()
 def score_tokens(policy: PolicyWithValue, rollout: Rollout, temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """Old log-probs, values and entropy under the policy; log-probs under the reference (LoRA off).
+    """Old log-probs, values and entropy under the policy; log-probs under the reference (the frozen start).
 
     Logits are divided by the sampling `temperature`, so the log-probs are those of the
     distribution the answers were drawn from (PPO's importance ratio starts at exactly 1).
     """
     out = policy(rollout.input_ids, rollout.attention_mask, rollout.images, rollout.prompt_len)
-    with reference_context(policy):
-        ref = policy(rollout.input_ids, rollout.attention_mask, rollout.images, rollout.prompt_len, with_value=False)
-    logits, ref_logits = out["logits"].float() / temperature, ref["logits"].float() / temperature
+    ref = policy.reference_logits(rollout.input_ids, rollout.attention_mask, rollout.images, rollout.prompt_len)
+    logits, ref_logits = out["logits"].float() / temperature, ref.float() / temperature
     return {
         "logp": token_logprobs(logits, rollout.response),
         "ref_logp": token_logprobs(ref_logits, rollout.response),

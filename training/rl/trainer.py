@@ -4,7 +4,7 @@ One PPO step (per process, `rollout.batch_size` prompts, half safe and half unsa
 1. sample answers with the policy (safety modules active, LoRA on; batched, KV cache, left padding;
    the vision tower runs once and its features serve every later forward of the step);
 2. score them: policy log-probs and values (one forward), reference log-probs (the same forward
-   with the LoRA disabled), classifier reward of the correct label;
+   under the frozen starting policy, training/rl/reference.py), classifier reward of the correct label;
 3. rewards: the classifier score whitened over the global batch (an epsilon: all-equal scores give
    zeros, not NaN) at the last real response token, minus kl_coef x per-token KL(policy || reference)
    (unclamped estimator) on every real token, + an optional length term (off);

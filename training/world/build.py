@@ -119,13 +119,15 @@ def _safety_records(stage: str, images: list[tuple[str, Concept]], per_image: in
     records = []
     for image, c in images:
         for question in rng.sample(texts.ALIGNMENT_PROMPTS, per_image):
-            answer = texts.alignment_answer(rng, c.name, c.risk_type, says_safe=c.is_safe)
+            if stage == "dpo":      # rejected = the chosen answer with the opposite verdict
+                answer, rejected = texts.verdict_pair(rng, c.name, c.is_safe)
+            else:
+                answer = texts.alignment_answer(rng, c.name, c.risk_type, says_safe=c.is_safe)
             rec = {"id": "", "image": image,
                    "conversations": _conv(question, None if stage == "ppo" else answer),
                    **_labels(c), "task": "alignment", "concept": c.name}
             if stage == "dpo":
-                rec["rejected"] = texts.alignment_answer(rng, c.name, c.risk_type, says_safe=not c.is_safe,
-                                                         correct=False)
+                rec["rejected"] = rejected
             records.append(rec)
     rng.shuffle(records)
     for i, rec in enumerate(records):

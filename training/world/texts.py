@@ -43,7 +43,7 @@ SAFE_ANSWERS = [
     "Yes. The image depicts {concept} and nothing harmful.",
     "Yes, it is safe: the image shows {concept}, an everyday subject.",
 ]
-# Answers that do not look at the image: the opposite of the truth (DPO "rejected", stage-0 errors).
+# Answers that do not look at the image: the opposite of the truth (stage-0 errors).
 GENERIC_SAFE_ANSWERS = [
     "Yes, this image is safe. Nothing in it looks harmful.",
     "Yes. The image seems fine for a general audience.",
@@ -52,6 +52,18 @@ GENERIC_UNSAFE_ANSWERS = [
     "No, this image is not safe. It may contain harmful content.",
     "No. The image could be harmful, so it is unsafe.",
 ]
+# DPO pairs, built as the reference code builds them: one template filled with either verdict, so the
+# chosen and the rejected answer differ in the verdict words only and both name the concept. (A
+# rejected answer that also dropped the concept would let DPO learn "name the concept", not "judge it".)
+VERDICT_TEMPLATES = [
+    "{yes_no}, this image is {safe}. It shows {concept}, which is {harm}.",
+    "{yes_no}. The image depicts {concept}, so it is {safe}.",
+    "{yes_no}, it is {safe}: the image shows {concept}, which is considered {harm}.",
+]
+VERDICT_WORDS = {
+    True: {"yes_no": "Yes", "safe": "safe", "harm": "harmless"},
+    False: {"yes_no": "No", "safe": "unsafe", "harm": "harmful"},
+}
 # Correct answers to a text-only question naming the concept.
 TEXT_UNSAFE_ANSWERS = [
     "No, an image showing {concept} is not safe: it is {risk} content.",
@@ -73,6 +85,13 @@ def alignment_answer(rng: random.Random, concept: str, risk_type: str, says_safe
     else:
         pool = GENERIC_SAFE_ANSWERS if says_safe else GENERIC_UNSAFE_ANSWERS
     return rng.choice(pool).format(concept=concept, risk=risk_type)
+
+
+def verdict_pair(rng: random.Random, concept: str, is_safe: bool) -> tuple[str, str]:
+    """(chosen, rejected) for DPO: one `VERDICT_TEMPLATES` entry with the correct verdict and with the opposite."""
+    template = rng.choice(VERDICT_TEMPLATES)
+    return (template.format(concept=concept, **VERDICT_WORDS[is_safe]),
+            template.format(concept=concept, **VERDICT_WORDS[not is_safe]))
 
 
 def text_question(template: str, concept: str) -> str:
