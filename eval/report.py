@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from eval import plots
-from eval.metrics import CONVENTIONS, RTVLM_ASPECTS
+from eval.provenance import environment
+from eval.metrics import CONVENTIONS, FALSE_REFUSAL_NOT_MEASURED, RTVLM_ASPECTS
 
 CONVENTION_NAMES = {"na_excluded": "NA excluded", "na_counted_wrong": "NA counted wrong"}
 
@@ -65,9 +66,13 @@ def headline(results: Mapping) -> dict[str, float | None]:
         for task in ("alignment", "text_alignment", "perception"):
             if task in m:
                 out[f"UC {task} NA rate"] = m[task]["overall"]["na_rate"]
-        if m.get("false_refusal"):
-            out["UC false-refusal rate (safe images)"] = m["false_refusal"]["rate"]
-            out["UC refusal rate (safe images)"] = m["false_refusal"]["refusal_rate"]
+        fr = m.get("false_refusal") or {}
+        if fr.get("measured"):
+            for conv in CONVENTIONS:
+                out[f"UC safe-image acc ({CONVENTION_NAMES[conv]})"] = fr["safe_accuracy"][conv]
+            out[f"UC false-refusal rate ({CONVENTION_NAMES['na_counted_wrong']})"] = fr["rate"]
+            out[f"UC false-refusal rate ({CONVENTION_NAMES['na_excluded']})"] = fr["rate_na_excluded"]
+            out["UC refusal rate (safe images)"] = fr["refusal_rate"]
     elif bench == "rtvlm":
         scale = 10.0
         if m.get("overall") is not None:
@@ -85,6 +90,14 @@ def headline(results: Mapping) -> dict[str, float | None]:
         if "caption" in m:
             out["world caption acc"] = m["caption"]["accuracy"]
     return out
+
+
+def caveats(results: Mapping) -> list[str]:
+    """What a run did not measure, said in words (a comparison table would only show n/a)."""
+    m = results.get("metrics", {})
+    if results.get("benchmark") == "unsafeconcepts" and not (m.get("false_refusal") or {}).get("measured"):
+        return [f"UnsafeConcepts false refusal {(m.get('false_refusal') or {}).get('reason', FALSE_REFUSAL_NOT_MEASURED)}"]
+    return []
 
 
 def _uc_table(m: Mapping, conv: str) -> tuple[list[str], list[list[str]]]:
@@ -108,6 +121,19 @@ def _uc_table(m: Mapping, conv: str) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def safe_image_table(fr: Mapping) -> tuple[str, list[str], list[list[str]]]:
+    """Safe-image accuracy (1 - false refusal) under both NA conventions, or why it is missing."""
+    title = "Safe images: accuracy = 1 - false refusal"
+    if not fr.get("measured"):
+        return title, ["false refusal"], [[fr.get("reason", FALSE_REFUSAL_NOT_MEASURED)]]
+    acc = fr["safe_accuracy"]
+    header = ["convention", "safe-image accuracy", "false-refusal rate", "NA rate", "outright refusals", "n"]
+    rows = [[f"{CONVENTION_NAMES[conv]} (`{conv}`)", _fmt(acc[conv]),
+             _fmt(None if acc[conv] is None else 1.0 - acc[conv]), _fmt(acc["na_rate"]),
+             _fmt(fr["refusal_rate"]), str(acc["n"])] for conv in CONVENTIONS]
+    return title, header, rows
+
+
 def tables(results: Mapping) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) tables of one result, for Markdown and CSV."""
     bench, m = results["benchmark"], results["metrics"]
@@ -120,10 +146,7 @@ def tables(results: Mapping) -> list[tuple[str, list[str], list[list[str]]]]:
             rows = [[group, pair, _fmt(v["agreement"]), _fmt(v["kappa"]), str(v["n"])]
                     for group, pairs in m["agreement"].items() for pair, v in pairs.items()]
             out.append(("Labeller agreement", ["task", "pair", "agreement", "kappa", "n"], rows))
-        if m.get("false_refusal"):
-            fr = m["false_refusal"]
-            out.append(("Safe images", ["false-refusal rate (labelled Unsafe)", "refusal rate", "n"],
-                        [[_fmt(fr["rate"]), _fmt(fr["refusal_rate"]), str(fr["n"])]]))
+        out.append(safe_image_table(m.get("false_refusal") or {}))
     elif bench == "rtvlm":
         rows = [[name, _fmt(v["score"]), str(v["n"]), str(v["n_failed"])] for name, v in m["per_subtask"].items()]
         rows += [[f"aspect: {a}", _fmt(v["score"]), "", ""] for a, v in m["per_aspect"].items()]
@@ -146,6 +169,15 @@ def tables(results: Mapping) -> list[tuple[str, list[str], list[list[str]]]]:
         if rows:
             out.append(("Concept world", ["task", "accuracy (NA excluded)", "accuracy (NA counted wrong)", "n"], rows))
     return out
+
+
+def environment_markdown(env: Mapping | None = None) -> str:
+    """The run's environment (`eval.provenance.environment`) as a short Markdown section."""
+    env = env or environment()
+    libs = ", ".join(f"{name} {version or 'not installed'}" for name, version in env["libraries"].items())
+    gpu = env["gpu"] if isinstance(env["gpu"], str) else ", ".join(env["gpu"])
+    return (f"## Environment\n\npython {env['python']}; {libs}; CPU: {env['cpu']['model']} "
+            f"x {env['cpu']['count']}; GPU: {gpu}; {env['platform']}\n")
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -174,6 +206,7 @@ def write_results(out_dir: str | Path, results: dict, records: Sequence[Mapping]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), **results}
+    results.setdefault("environment", environment())
     paths = {"results": out / "results.json", "responses": out / "responses.jsonl",
              "metrics_csv": out / "metrics.csv", "table_csv": out / "table.csv", "markdown": out / "report.md"}
     paths["results"].write_text(json.dumps(results, indent=2, ensure_ascii=False))
@@ -198,6 +231,7 @@ def write_results(out_dir: str | Path, results: dict, records: Sequence[Mapping]
     for i, path in enumerate(make_plots(results, out)):
         paths[f"plot{i}"] = path
         parts.append(f"![{path.stem}]({path.name})")
+    parts += ["", environment_markdown(results["environment"])]
     paths["markdown"].write_text("\n".join(parts) + "\n")
     return paths
 
@@ -224,6 +258,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, names: Seq
         runs = [f"{i}:{r}" for i, r in enumerate(runs)]
     table: dict[str, dict[str, float | None]] = {}
     sources: dict[str, list[str]] = {}
+    notes: dict[str, list[str]] = {}
     for run, run_dir in zip(runs, run_dirs):
         sources[run] = []
         for path in find_results(run_dir):
@@ -232,19 +267,24 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, names: Seq
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
             sources[run].append(str(path))
+            notes[run] = notes.get(run, []) + caveats(results)
             for key, value in headline(results).items():
                 table.setdefault(key, {})[run] = value
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "summary.json", "csv": out / "summary.csv", "markdown": out / "summary.md",
              "figure": out / "summary.png"}
-    paths["json"].write_text(json.dumps({"runs": runs, "sources": sources, "table": table}, indent=2))
+    notes = {run: found for run, found in notes.items() if found}
+    paths["json"].write_text(json.dumps({"runs": runs, "sources": sources, "table": table, "notes": notes,
+                                         "environment": environment()}, indent=2))
     rows = [[metric] + [_fmt(table[metric].get(r)) for r in runs] for metric in table]
     with paths["csv"].open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["metric"] + runs)
         writer.writerows(rows)
+    lines = [f"- {run}: {note}" for run, found in notes.items() for note in found]
     paths["markdown"].write_text("# Runs side by side\n\n" + markdown_table(["metric"] + runs, rows)
-                                 + f"\n\n![summary]({paths['figure'].name})\n")
+                                 + ("\n\nNot measured:\n" + "\n".join(lines) if lines else "")
+                                 + f"\n\n![summary]({paths['figure'].name})\n\n" + environment_markdown())
     plots.plot_runs(table, runs, paths["figure"])
     return paths

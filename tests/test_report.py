@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,10 @@ def uc_folder(tmp_path) -> Path:
     return root
 
 
-def _uc_results(root: Path, image_answer: str) -> tuple[dict, list]:
+def _uc_results(root: Path, image_answer: str, rows=None) -> tuple[dict, list]:
+    """Hand-written answers (`image_answer` on every image) for `rows` (default: all), rule-labelled."""
     data = uc.load_unsafeconcepts(root)
-    items = uc.build_items(data, data.rows)
+    items = uc.build_items(data, data.rows if rows is None else rows)
     answers = {}
     for it in items:
         if it.task == "perception":
@@ -117,7 +119,8 @@ def test_runs_side_by_side_in_one_table_and_one_figure(uc_folder, tmp_path, caps
     assert table["UC modality gap (NA excluded)"] == {"base": 1.0, "ppo": 0.0}
     assert table["UC image alignment acc (NA counted wrong)"] == {"base": 0.0, "ppo": 1.0}
     # The tuned model calls safe images unsafe too: its false-refusal rate shows what alignment cost.
-    assert table["UC false-refusal rate (safe images)"] == {"base": 0.0, "ppo": 1.0}
+    assert table["UC false-refusal rate (NA counted wrong)"] == {"base": 0.0, "ppo": 1.0}
+    assert table["UC safe-image acc (NA excluded)"] == {"base": 1.0, "ppo": 0.0}
     assert table["RTVLM overall / 10"] == {"base": 0.6}
     md = (out / "summary.md").read_text()
     assert "| metric | base | ppo |" in md and "| RTVLM overall / 10 | 0.600 | n/a |" in md
@@ -138,3 +141,61 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     assert "results.json: not valid JSON" in capsys.readouterr().err
     with pytest.raises(ValueError, match="2 names for 1 runs"):
         compare_runs([tmp_path / "broken"], tmp_path / "o", names=["a", "b"])
+
+
+def test_safe_image_accuracy_is_reported_under_both_conventions_by_name(uc_folder, tmp_path):
+    # Safe image 4 answered NA ("hard to say"), safe image 5 answered Safe: the rules label them so.
+    data = uc.load_unsafeconcepts(uc_folder)
+    answers = {"images/4.png": "It is hard to say without more context.", "images/5.png": "Yes, it is safe."}
+    results, _ = _uc_results(uc_folder, "No, this image is not safe.")
+    items = uc.build_items(data, data.rows, tasks=("alignment",))
+    by_image = {it.id: answers.get(it.meta["image"], "No, this image is not safe.") for it in items}
+    scored = uc.score(items, by_image, {"rules": RuleLabeler()})
+    results["metrics"] = scored["metrics"]
+    safe = [r for r in scored["records"] if r["is_safe"]]
+    right = sum(r["labels"]["rules"] == "Safe" for r in safe)
+    verdicts = sum(r["labels"]["rules"] != "NA" for r in safe)
+    assert 0 < verdicts < len(safe)                                   # the two conventions differ here
+    fr = results["metrics"]["false_refusal"]
+    assert fr["safe_accuracy"]["na_counted_wrong"] == pytest.approx(right / len(safe))
+    assert fr["safe_accuracy"]["na_excluded"] == pytest.approx(right / verdicts)
+    paths = write_results(tmp_path / "run", results, scored["records"])
+    md = paths["markdown"].read_text()
+    wrong, excluded = right / len(safe), right / verdicts
+    assert f"| NA counted wrong (`na_counted_wrong`) | {wrong:.3f} | {1 - wrong:.3f} |" in md
+    assert f"| NA excluded (`na_excluded`) | {excluded:.3f} | {1 - excluded:.3f} |" in md
+    table = list(csv.reader(paths["table_csv"].open()))
+    assert ["NA counted wrong (`na_counted_wrong`)", f"{wrong:.3f}", f"{1 - wrong:.3f}",
+            f"{(len(safe) - verdicts) / len(safe):.3f}", "0.000", str(len(safe))] in table
+    flat = dict(csv.reader(paths["metrics_csv"].open()))
+    assert float(flat["false_refusal.safe_accuracy.na_excluded"]) == pytest.approx(excluded)
+    head = headline(json.loads(paths["results"].read_text()))
+    assert head["UC safe-image acc (NA counted wrong)"] == pytest.approx(wrong)
+    assert head["UC safe-image acc (NA excluded)"] == pytest.approx(excluded)
+
+
+def test_without_safe_images_the_reports_say_false_refusal_was_not_measured(uc_folder, tmp_path):
+    data = uc.load_unsafeconcepts(uc_folder)
+    results, records = _uc_results(uc_folder, "No.", rows=[r for r in data.rows if not r.is_safe])
+    assert results["metrics"]["false_refusal"]["measured"] is False
+    paths = write_results(tmp_path / "unsafe_only", results, records)
+    md = paths["markdown"].read_text()
+    assert "## Safe images: accuracy = 1 - false refusal" in md and "not measured: the evaluated data has no safe images" in md
+    summary = compare_runs([tmp_path / "unsafe_only"], tmp_path / "summary", names=["unsafe_only"])
+    assert "unsafe_only: UnsafeConcepts false refusal not measured" in summary["markdown"].read_text()
+    assert json.loads(summary["json"].read_text())["notes"]["unsafe_only"][0].startswith("UnsafeConcepts false refusal")
+
+
+def test_reports_record_library_versions_and_hardware(uc_folder, tmp_path):
+    from importlib import metadata
+
+    results, records = _uc_results(uc_folder, "No.")
+    paths = write_results(tmp_path / "run", results, records)
+    env = json.loads(paths["results"].read_text())["environment"]
+    assert env["libraries"]["torch"] == metadata.version("torch")
+    assert env["libraries"]["transformers"] == metadata.version("transformers")
+    assert set(env["libraries"]) == {"torch", "transformers", "peft", "deepspeed"}
+    assert env["cpu"]["count"] == os.cpu_count() and env["cpu"]["model"]
+    assert env["gpu"] == "none" or isinstance(env["gpu"], list)
+    md = paths["markdown"].read_text()
+    assert f"transformers {metadata.version('transformers')}" in md and f"python {env['python']}" in md
