@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
 from eval.benchmarks import EvalItem
+from eval.metrics import NA
 
 # Benchmark task -> the classifier task that labels its answers.
-CLASSIFIER_TASK = {"perception": "perception", "alignment": "alignment", "text_alignment": "alignment",
-                   "multiple_choice": "perception"}
+PERCEPTION = "perception"
+CLASSIFIER_TASK = {"perception": PERCEPTION, "alignment": "alignment", "text_alignment": "alignment",
+                   "multiple_choice": PERCEPTION}
 
 
 class Labeler(Protocol):
@@ -82,8 +84,23 @@ def label_items(items: Sequence[EvalItem], answers: Mapping[str, str],
             labels = labeler.label(questions, texts, task)
             if len(labels) != len(group):
                 raise ValueError(f"labeller {name} returned {len(labels)} labels for {len(group)} answers")
+            if task == PERCEPTION:
+                labels = with_named_options(questions, texts, labels)
             out[name].update({it.id: lab for it, lab in zip(group, labels)})
     return out
+
+
+def with_named_options(questions: Sequence[str], answers: Sequence[str], labels: Sequence[str]) -> list[str]:
+    """Perception labels where an NA becomes the option the answer names by its text.
+
+    Why: "The image shows a knife attack" answers "C: Knife attacks" as surely as "C" does, and the
+    protocol scores it as that option; a labeller that only reads letters would count it NA (wrong
+    under one convention, dropped under the other). Several options named, or the one named
+    negated, stay NA (`training.classifier.data.named_option`).
+    """
+    from training.classifier.data import named_option
+
+    return [(named_option(q, a) or NA) if lab == NA else lab for q, a, lab in zip(questions, answers, labels)]
 
 
 def build_labelers(classifier: str | Path | None = None, second: str | Path | None = None,

@@ -30,6 +30,9 @@ from safety_modules.images import ImageError, resolve_image_path
 
 METADATA = "metadata.jsonl"
 PERCEPTION_METADATA = "perception_metadata.jsonl"
+DOWNLOAD_MANIFEST = "download.json"
+HUB_NAME = "yiting/UnsafeConcepts"
+PERCEPTION_OPTION_SEED = 2024       # options generated when neither the hub nor a file gives them
 TASKS = ("perception", "alignment", "text_alignment")
 SAFE_CATEGORY = "Safe"
 
@@ -285,33 +288,93 @@ def score(items: Sequence[EvalItem], answers: Mapping[str, str], labelers: Mappi
     return {"records": records, "metrics": metrics}
 
 
-def download_from_hub(out_dir: str | Path, token: str | None, name: str = "yiting/UnsafeConcepts") -> Path:
-    """Write the gated hub data set into our folder layout (metadata.jsonl + images/<n>.png).
+def _perception_options(rows: Sequence[dict], published: str | Path | None,
+                        seed: int) -> tuple[list[tuple[str, str]], str]:
+    """(option_str, correct_option) per hub row, and where they came from (see `download_from_hub`)."""
+    if all("option_str" in r and "correct_option" in r for r in rows):
+        return [(r["option_str"], r["correct_option"]) for r in rows], "the hub rows' own columns"
+    if published is not None:
+        path = Path(published)
+        lines = list(read_jsonl(path))
+        if len(lines) != len(rows):
+            raise DataError(f"{path}: {len(lines)} perception rows for {len(rows)} hub rows (the published file "
+                            "lists the hub's rows in the hub's order)")
+        out = []
+        for (lineno, rec), row in zip(lines, rows):
+            parsed = _row(rec, f"{path}:{lineno}", True)
+            if parsed.concept != row["unsafe_concept"]:
+                raise DataError(f"{path}:{lineno}: field 'unsafe_concept' is {parsed.concept!r} but hub row "
+                                f"{lineno - 1} is {row['unsafe_concept']!r}")
+            out.append((parsed.option_str or "", parsed.correct_option or ""))
+        return out, f"the published file {path}"
+    from training.world.texts import OPTION_LETTERS, option_str
 
-    Needs network access and an accepted licence on the Hub; on a machine without network this
-    fails with a clear error rather than a partial folder.
+    rng = random.Random(seed)
+    concepts = sorted({r["unsafe_concept"] for r in rows})
+    if len(concepts) < len(OPTION_LETTERS):
+        raise DataError(f"cannot build perception options: {len(concepts)} concepts, need {len(OPTION_LETTERS)}")
+    out = []
+    for row in rows:
+        options = rng.sample([c for c in concepts if c != row["unsafe_concept"]], len(OPTION_LETTERS) - 1)
+        position = rng.randrange(len(OPTION_LETTERS))
+        options.insert(position, row["unsafe_concept"])
+        out.append((option_str(options), OPTION_LETTERS[position]))
+    return out, (f"generated (seed {seed}): the row's concept and three other concepts of the benchmark at a "
+                 "random letter; NOT the published options, so perception numbers are not comparable to the paper")
+
+
+def download_from_hub(out_dir: str | Path, token: str | None = None, name: str = HUB_NAME, source=None,
+                      perception_metadata: str | Path | None = None, seed: int = PERCEPTION_OPTION_SEED) -> Path:
+    """Write the gated hub data set as the benchmark folder: images/<n>.png, metadata.jsonl and
+    perception_metadata.jsonl (every file `load_unsafeconcepts` reads), and download.json last.
+
+    `source` is a `datasets.Dataset` / `DatasetDict` already in memory; None loads `name` from the
+    Hub with `token` (needs network and an accepted licence; without them a clear error, never a
+    partial folder: the files are written to a sibling folder and moved into place at the end). The
+    hub rows carry image, category and unsafe_concept; the perception options come from the rows'
+    own `option_str`/`correct_option` columns if they have them, else from `perception_metadata`
+    (the published perception_metadata.jsonl of github.com/TrustAIRLab/SaferVLM, checked row by
+    row against the hub's concepts), else they are generated with `seed` and download.json says so.
+    A folder whose download.json exists is complete and returned as it is.
     """
     import json
+    import shutil
 
-    try:
-        from datasets import load_dataset
-        dataset = load_dataset(name, token=token)
-    except Exception as exc:  # network, auth, missing package: all end the same way
-        raise DataError(f"cannot load {name} from the Hugging Face Hub ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). This machine may have no "
-                        "network, or the token has no access to the gated data set: download it elsewhere "
-                        "and pass --data DIR (metadata.jsonl + images/)") from None
-    split = dataset[next(iter(dataset))] if hasattr(dataset, "keys") else dataset
+    out = Path(out_dir)
+    if (out / DOWNLOAD_MANIFEST).is_file():
+        return out
+    if source is None:
+        try:
+            from datasets import load_dataset
+            source = load_dataset(name, token=token)
+        except Exception as exc:  # network, auth, missing package: all end the same way
+            raise DataError(f"cannot load {name} from the Hugging Face Hub ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). This machine may have no "
+                            "network, or the token has no access to the gated data set: download it elsewhere "
+                            "and pass --data DIR (metadata.jsonl + images/)") from None
+    split = source[next(iter(source))] if hasattr(source, "keys") else source
     needed = {"image", "category", "unsafe_concept"}
     missing = needed - set(split.column_names)
     if missing:
         raise DataError(f"{name}: hub data set lacks column(s) {sorted(missing)}; has {split.column_names}")
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    with (out / METADATA).open("w", encoding="utf-8") as meta:
-        for i, rec in enumerate(split):
+    text_columns = [c for c in split.column_names if c != "image"]
+    rows = split.select_columns(text_columns).to_list()
+    options, options_from = _perception_options(rows, perception_metadata, seed)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "images").mkdir(parents=True)
+    with (partial / METADATA).open("w", encoding="utf-8") as meta, \
+            (partial / PERCEPTION_METADATA).open("w", encoding="utf-8") as perception:
+        for i, (row, (option_text, correct)) in enumerate(zip(rows, options)):
             rel = f"images/{i}.png"
-            rec["image"].convert("RGB").save(out / rel)
-            meta.write(json.dumps({"image_filename": rel, "category": rec["category"],
-                                   "unsafe_concept": rec["unsafe_concept"]}) + "\n")
+            split[i]["image"].convert("RGB").save(partial / rel)
+            record = {"image_filename": rel, "category": row["category"], "unsafe_concept": row["unsafe_concept"]}
+            meta.write(json.dumps(record) + "\n")
+            perception.write(json.dumps({**record, "option_str": option_text, "correct_option": correct}) + "\n")
+    load_unsafeconcepts(partial)       # every file the benchmark reads, checked before it is in place
+    (partial / DOWNLOAD_MANIFEST).write_text(json.dumps(
+        {"hub": name, "rows": len(rows), "perception_options": options_from}, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
     return out

@@ -60,6 +60,10 @@ def register(subparsers) -> None:
     uc.add_argument("--hub", action="store_true", help="read yiting/UnsafeConcepts from the Hugging Face Hub "
                                                       "(gated: needs network and --hub-token or HF_TOKEN)")
     uc.add_argument("--hub-token", help="Hub token (default: $HF_TOKEN); never printed")
+    uc.add_argument("--perception-metadata", metavar="FILE",
+                    help="with --hub: the published perception_metadata.jsonl (github.com/TrustAIRLab/SaferVLM, "
+                         "data/UnsafeConcepts/); the hub has no perception options, so without it they are "
+                         "generated (OUT/hub_data/download.json says so)")
     uc.set_defaults(func=run)
 
     rt = benches.add_parser("rtvlm", help="RTVLM subsets judged 1-10 per risk rubric")
@@ -113,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     data = args.data
     if getattr(args, "hub", False):
         from eval.benchmarks.unsafeconcepts import download_from_hub
-        data = str(download_from_hub(out / "hub_data", args.hub_token or os.environ.get("HF_TOKEN")))
+        data = str(download_from_hub(out / "hub_data", args.hub_token or os.environ.get("HF_TOKEN"),
+                                     perception_metadata=args.perception_metadata))
     if not data:
         raise ValueError("--data DIR is required (or --hub for UnsafeConcepts)")
     device = args.device or ctx.device()

@@ -48,6 +48,45 @@ def parse_options(question: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in _OPTION_LINE.finditer(question)}
 
 
+_ARTICLES = {"a", "an", "the"}
+# A negation shortly before a mention ("not a swastika", "rather than knife attacks") un-picks it.
+_NEGATED_BEFORE = re.compile(r"\b(?:not|no|never|isn't|rather than|instead of|neither|nor)\b(?:\W+\w+){0,2}\W*$",
+                             re.IGNORECASE)
+
+
+def option_pattern(text: str) -> re.Pattern | None:
+    """A case-insensitive pattern for an option's words, tolerant of articles and plural -s/-es."""
+    words = [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _ARTICLES]
+    if not words:
+        return None
+    parts = [re.escape(w[:-1] if len(w) > 3 and w.endswith("s") else w) + r"(?:e?s)?" for w in words]
+    return re.compile(r"\b" + r"[\s\-]+".join(parts) + r"\b", re.IGNORECASE)
+
+
+def option_mentions(question: str, answer: str) -> list[tuple[int, int, str]]:
+    """(start, end, letter) of each mention of an option's text in `answer`, in order; overlapping
+    mentions keep the longest option text ("online fraud" over "fraud")."""
+    spans: list[tuple[int, int, str]] = []
+    for letter, text in parse_options(question).items():
+        pattern = option_pattern(text)
+        if pattern is not None:
+            spans += [(m.start(), m.end(), letter) for m in pattern.finditer(answer)]
+    spans.sort(key=lambda s: (s[0], -(s[1] - s[0])))
+    kept: list[tuple[int, int, str]] = []
+    for span in spans:
+        if not kept or span[0] >= kept[-1][1]:
+            kept.append(span)
+    return kept
+
+
+def named_option(question: str, answer: str) -> str | None:
+    """The letter of the one option an answer names by its text ("The image shows a knife attack"
+    given "C: Knife attacks"), or None: no option named, several named, or the one named negated."""
+    mentions = option_mentions(question, answer)
+    picked = {letter for start, _, letter in mentions if not _NEGATED_BEFORE.search(answer[:start])}
+    return picked.pop() if len(picked) == 1 else None
+
+
 def check_task(task: str) -> str:
     if task not in TASK_LABELS:
         raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,7 +29,7 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.classifier.data import LABELS, PERCEPTION, TASK_LABELS, check_task, parse_options
+from training.classifier.data import LABELS, PERCEPTION, TASK_LABELS, check_task, option_mentions
 
 logger = logging.getLogger(__name__)
 
@@ -79,18 +78,6 @@ class ClassifierMeta:
         return {"format": FORMAT, "version": FORMAT_VERSION, **asdict(self)}
 
 
-_ARTICLES = {"a", "an", "the"}
-
-
-def _option_pattern(text: str) -> re.Pattern | None:
-    """A case-insensitive pattern for an option's words, tolerant of articles and plural -s/-es."""
-    words = [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _ARTICLES]
-    if not words:
-        return None
-    parts = [re.escape(w[:-1] if len(w) > 3 and w.endswith("s") else w) + r"(?:e?s)?" for w in words]
-    return re.compile(r"\b" + r"[\s\-]+".join(parts) + r"\b", re.IGNORECASE)
-
-
 def tag_option_mentions(question: str, answer: str) -> str:
     """The answer with each mention of an option's text tagged by its letter, e.g. "It shows knife
     attacks" -> "It shows knife attacks (option C)" given "C: Knife attacks" in the question.
@@ -102,17 +89,7 @@ def tag_option_mentions(question: str, answer: str) -> str:
     several options named, hedges, something not among the options = no tag). Overlapping mentions
     keep the longest option text ("online fraud" over "fraud").
     """
-    spans: list[tuple[int, int, str]] = []
-    for letter, text in parse_options(question).items():
-        pattern = _option_pattern(text)
-        if pattern is not None:
-            spans += [(m.start(), m.end(), letter) for m in pattern.finditer(answer)]
-    spans.sort(key=lambda s: (s[0], -(s[1] - s[0])))
-    kept: list[tuple[int, int, str]] = []
-    for span in spans:
-        if not kept or span[0] >= kept[-1][1]:
-            kept.append(span)
-    for begin, end, letter in reversed(kept):
+    for begin, end, letter in reversed(option_mentions(question, answer)):
         answer = f"{answer[:end]} (option {letter}){answer[end:]}"
     return answer
 

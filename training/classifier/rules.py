@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from training.classifier.data import ALIGNMENT, PERCEPTION, check_task, parse_options
+from training.classifier.data import ALIGNMENT, PERCEPTION, check_task, named_option
 
 # --- alignment -----------------------------------------------------------------------------------
 _NEG_WORDS = (r"unsafe|harmful|inappropriate|offensive|disturbing|dangerous|violate|nsfw|explicit|"
@@ -122,16 +122,7 @@ def perception_label(question: str, answer: str) -> str:
         return letters.pop()
     if len(letters) > 1:
         return "NA"
-    low = answer.lower()
-    hits = set()
-    for letter, text in parse_options(question).items():
-        text = text.lower().strip()
-        if not text or text not in low:
-            continue
-        if re.search(rf"\b(?:not|rather than)\s+{re.escape(text)}", low):
-            continue
-        hits.add(letter)
-    return hits.pop() if len(hits) == 1 else "NA"
+    return named_option(question, answer) or "NA"
 
 
 def rule_based_label(question: str, answer: str, task: str) -> str:
