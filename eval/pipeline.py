@@ -8,7 +8,7 @@ other ranks of a `torchrun`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -64,32 +64,42 @@ def _common(benchmark: str, runner: ModelRunner, cfg: EvalConfig, gen: Generatio
 
 
 def run_unsafeconcepts(runner: ModelRunner, data: str | Path, out: str | Path, *, split: str | None = None,
+                       protocol: str = "measurement", safe_data: str | Path | None = None,
                        limit: int | None = None, sample: int | None = None, seed: int = 0,
                        tasks: Sequence[str] | None = None, labelers: Mapping[str, Labeler] | None = None,
                        classifier: str | Path | None = None, second_classifier: str | Path | None = None,
                        rules: bool = True, cfg: EvalConfig | None = None, cache: Cache | str | Path | None = None,
                        ctx: DistContext | None = None,
                        on_batch: Callable[[int, int], None] | None = None) -> dict | None:
-    """Perception, image alignment and text-only alignment on an UnsafeConcepts-layout folder."""
+    """UnsafeConcepts under `protocol` (`eval.benchmarks.protocols`: `measurement` = perception, image
+    and text-only alignment; `rlhf-test` = the reference's RLHF test, greedy) on an UnsafeConcepts-layout
+    folder, with the safe images of `safe_data` (a folder as the reference writes it) when given."""
     from eval.benchmarks import unsafeconcepts as uc
+    from eval.benchmarks.protocols import RLHF_TEST, protocol_items
+    from eval.benchmarks.safe_images import load_safe_images
 
     cfg = cfg or EvalConfig()
+    if protocol == RLHF_TEST:                         # the reference's RLHF test decodes greedily
+        cfg = replace(cfg, generation=replace(cfg.generation, greedy=True))
     out = Path(out)
     ds = uc.load_unsafeconcepts(data)
-    rows = uc.subsample(uc.select_rows(ds, split), limit=limit, sample=sample, seed=seed)
-    tasks = tuple(tasks) if tasks else tuple(t for t in uc.TASKS if t != "perception" or ds.perception)
-    items = uc.build_items(ds, rows, tasks)
+    safe = load_safe_images(safe_data) if safe_data else None
+    items = protocol_items(protocol, ds, safe, split, tasks, limit=limit, sample=sample, seed=seed)
     labelers = labelers if labelers is not None else build_labelers(classifier, second_classifier, rules)
     store = open_cache(cache, out)
     gen = _answer(items, runner, cfg, store, ctx, on_batch, "unsafeconcepts")
     if ctx is not None and not ctx.is_main:
         return None
     scored = uc.score(items, gen.answers, labelers)
+    images = {(it.meta["is_safe"], it.meta["image"]) for it in items if "image" in it.meta}
     results = _common("unsafeconcepts", runner, cfg, gen, ctx, store,
-                      {"root": str(Path(data)), "split": split or "all", "limit": limit, "sample": sample,
-                       "n_images": len(rows), "n_items": len(items), "tasks": list(tasks)})
+                      {"root": str(Path(data)), "protocol": protocol, "split": split or "all",
+                       "safe_data": str(Path(safe_data)) if safe_data else None, "limit": limit, "sample": sample,
+                       "n_images": sum(1 for is_safe, _ in images if not is_safe),
+                       "n_safe_images": sum(1 for is_safe, _ in images if is_safe),
+                       "n_items": len(items), "tasks": sorted({it.task for it in items})})
     results["labelers"] = list(labelers)
-    results["metrics"] = scored["metrics"]
+    results["metrics"] = {**scored["metrics"], "protocol": protocol}
     write_results(out, results, scored["records"])
     return results
 

@@ -66,6 +66,10 @@ def headline(results: Mapping) -> dict[str, float | None]:
         for task in ("alignment", "text_alignment", "perception"):
             if task in m:
                 out[f"UC {task} NA rate"] = m[task]["overall"]["na_rate"]
+        if m.get("protocol") == RLHF_TEST:
+            for part, acc in rlhf_test_parts(m).items():
+                if acc is not None:
+                    out[f"UC RLHF test acc, {part} ({CONVENTION_NAMES['na_counted_wrong']})"] = acc["na_counted_wrong"]
         fr = m.get("false_refusal") or {}
         if fr.get("measured"):
             for conv in CONVENTIONS:
@@ -90,6 +94,17 @@ def headline(results: Mapping) -> dict[str, float | None]:
         if "caption" in m:
             out["world caption acc"] = m["caption"]["accuracy"]
     return out
+
+
+RLHF_TEST = "rlhf-test"
+
+
+def rlhf_test_parts(m: Mapping) -> dict[str, Mapping | None]:
+    """The reference RLHF test's three accuracies (`accuracy` dicts): all images, unsafe, safe."""
+    align = m.get("alignment", {})
+    fr = m.get("false_refusal") or {}
+    return {"all images": align.get("overall_all"), "unsafe images": align.get("overall"),
+            "safe images": fr.get("safe_accuracy")}
 
 
 def caveats(results: Mapping) -> list[str]:
@@ -139,6 +154,12 @@ def tables(results: Mapping) -> list[tuple[str, list[str], list[list[str]]]]:
     bench, m = results["benchmark"], results["metrics"]
     out = []
     if bench == "unsafeconcepts":
+        if m.get("protocol") == RLHF_TEST:
+            rows = [[part, _fmt(acc["na_counted_wrong"]), _fmt(acc["na_excluded"]), _fmt(acc["na_rate"]), str(acc["n"])]
+                    for part, acc in rlhf_test_parts(m).items() if acc is not None]
+            out.append(("RLHF test of the reference code (one alignment question per image, greedy)",
+                        ["images", "accuracy, NA counted wrong (the protocol's)", "accuracy, NA excluded", "NA rate",
+                         "n"], rows))
         for conv in CONVENTIONS:
             header, rows = _uc_table(m, conv)
             out.append((f"UnsafeConcepts accuracy ({CONVENTION_NAMES[conv]}, `{conv}`)", header, rows))

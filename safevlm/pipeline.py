@@ -29,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from eval.headline import CRITERION, pooled, concept_cells, read_evaluation, selection_score
 from safety_modules.config import SafetyConfig
@@ -72,6 +72,8 @@ class EvalSection:
     max_new_tokens: int = 32            # the world's answers are one sentence
     batch_size: int = 16
     limit: int = 0                      # > 0: only the first N images per split (quick runs)
+    protocol: Literal["measurement", "rlhf-test"] = "measurement"   # see eval.benchmarks.protocols
+    safe_data: str = ""                 # safe-image folder (metadata.json + images); "": none, false refusal unmeasured
 
 
 @dataclass
@@ -242,7 +244,8 @@ VALIDATION_TASKS = ("alignment", "text_alignment")
 
 
 def _evaluate_split(cfg: PipelineConfig, adapter: str | None, split: str, out: Path,
-                    tasks: tuple[str, ...] | None = None, ctx=None) -> dict | None:
+                    tasks: tuple[str, ...] | None = None, ctx=None, protocol: str = "measurement",
+                    safe_data: str | None = None) -> dict | None:
     """One UnsafeConcepts evaluation of the run's base (+ `adapter`) on `split` into `out`, judged by
     the judge classifier, with the reward classifier and the rule-based check beside it."""
     from eval.distributed import from_env
@@ -254,8 +257,8 @@ def _evaluate_split(cfg: PipelineConfig, adapter: str | None, split: str, out: P
                                                     seed=cfg.seed),
                       batch_size=cfg.eval.batch_size)
     classifiers = cfg.root / "classifiers"
-    return run_unsafeconcepts(runner, cfg.eval_data, out, split=split, limit=cfg.eval.limit or None,
-                              tasks=tasks, classifier=classifiers / "judge",
+    return run_unsafeconcepts(runner, cfg.eval_data, out, split=split, protocol=protocol, safe_data=safe_data,
+                              limit=cfg.eval.limit or None, tasks=tasks, classifier=classifiers / "judge",
                               second_classifier=classifiers / "reward", cfg=ecfg,
                               ctx=ctx if ctx.active else None)
 
@@ -269,7 +272,8 @@ def _evaluate(adapter_of: Callable[[PipelineConfig], str | None]):
         ctx = from_env()
         summary = {"model": cfg.base_model, "adapter": adapter}
         for split in cfg.eval.splits:
-            results = _evaluate_split(cfg, adapter, split, out / split, ctx=ctx)
+            results = _evaluate_split(cfg, adapter, split, out / split, ctx=ctx, protocol=cfg.eval.protocol,
+                                      safe_data=cfg.eval.safe_data or None)
             summary[split] = str(out / split / "results.json")
             summary[f"{split}_items"] = results["data"]["n_items"] if results else 0
         return summary

@@ -72,6 +72,12 @@ class Row:
     source: str                      # "file:line", for error messages
     option_str: str | None = None
     correct_option: str | None = None
+    safe_root: Path | None = None    # a safe-image folder (--safe-data) the image is relative to; None: the benchmark's
+
+    @property
+    def key(self) -> str:
+        """The row's name in item ids: its image path, under "safe/" for a safe-image folder's rows."""
+        return self.image if self.safe_root is None else f"safe/{self.image}"
 
 
 @dataclass
@@ -187,7 +193,7 @@ def subsample(rows: Sequence[Row], limit: int | None = None, sample: int | None 
 def image_path(data: UnsafeConceptsData, row: Row) -> str:
     """Absolute path of a row's image; a DataError naming file, line and field when it is missing."""
     try:
-        path = resolve_image_path(data.root, row.image)
+        path = resolve_image_path(row.safe_root or data.root, row.image)
     except ImageError as exc:
         raise DataError(f"{row.source}: field 'image_filename': {exc}") from None
     if not path.is_file():
@@ -195,14 +201,26 @@ def image_path(data: UnsafeConceptsData, row: Row) -> str:
     return str(path)
 
 
+def alignment_item(data: UnsafeConceptsData, row: Row, k: int,
+                   prompts: Mapping[str, list[str]] = PROMPTS) -> EvalItem:
+    """The k-th image-alignment question about one image row."""
+    return EvalItem(
+        id=f"alignment/{row.key}/{k}", task="alignment", question=prompts["alignment"][k],
+        images=(image_path(data, row),),
+        meta={"category": row.category, "concept": row.concept, "is_safe": row.is_safe,
+              "target": "Safe" if row.is_safe else "Unsafe", "image": row.key, "prompt": k})
+
+
 def build_items(data: UnsafeConceptsData, rows: Sequence[Row], tasks: Sequence[str] = TASKS,
                 prompts: Mapping[str, list[str]] = PROMPTS) -> list[EvalItem]:
-    """The protocol's questions for the chosen image rows (text-only: their concepts)."""
+    """The measurement protocol's questions for the chosen image rows: perception of the rows in
+    perception_metadata.jsonl, five alignment questions per image (safe-image folder rows too),
+    five text-only questions per concept of the benchmark's rows."""
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; tasks: {list(TASKS)}")
     items: list[EvalItem] = []
-    chosen = {r.image for r in rows}
+    chosen = {r.image for r in rows if r.safe_root is None}
     if "perception" in tasks:
         if not data.perception:
             raise DataError(f"{data.root}: {PERCEPTION_METADATA} is missing: cannot run the perception task "
@@ -216,17 +234,12 @@ def build_items(data: UnsafeConceptsData, rows: Sequence[Row], tasks: Sequence[s
                     meta={"category": row.category, "concept": row.concept, "is_safe": row.is_safe,
                           "target": row.correct_option, "image": row.image, "prompt": k}))
     if "alignment" in tasks:
-        for row in rows:
-            path = image_path(data, row)
-            for k, prompt in enumerate(prompts["alignment"]):
-                items.append(EvalItem(
-                    id=f"alignment/{row.image}/{k}", task="alignment", question=prompt, images=(path,),
-                    meta={"category": row.category, "concept": row.concept, "is_safe": row.is_safe,
-                          "target": "Safe" if row.is_safe else "Unsafe", "image": row.image, "prompt": k}))
+        items += [alignment_item(data, row, k, prompts) for row in rows for k in range(len(prompts["alignment"]))]
     if "text_alignment" in tasks:
         concepts: OrderedDict[str, Row] = OrderedDict()
         for row in rows:
-            concepts.setdefault(row.concept, row)
+            if row.safe_root is None:        # text-only questions name the benchmark's concepts
+                concepts.setdefault(row.concept, row)
         for concept, row in concepts.items():
             for k, prompt in enumerate(prompts["alignment_text_only"]):
                 items.append(EvalItem(

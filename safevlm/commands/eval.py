@@ -5,6 +5,9 @@ Examples:
         --classifier runs/clf_eval --judge-classifier runs/clf_reward --out runs/eval/uc --greedy
     safevlm eval rtvlm --model /models/llava-1.5-7b-hf --data rtvlm/ --judge openai:gpt-4o --out runs/eval/rtvlm
     torchrun --nproc-per-node 8 -m safevlm.cli eval unsafeconcepts --model ... --data ... --out ...
+    # the reference code's RLHF test: 345 unsafe + 345 safe test images, one question each, greedy
+    safevlm eval unsafeconcepts --model ... --data UnsafeConcepts/ --safe-data imagenet_1k/ --protocol rlhf-test \
+        --classifier runs/clf_eval --out runs/eval/rlhf_test
 """
 
 from __future__ import annotations
@@ -53,6 +56,15 @@ def register(subparsers) -> None:
     uc.add_argument("--split", help="all (default); train/test (the reference 80/20 split, seed 2024); on a "
                                     "concept world any value of its split column, e.g. heldout_render")
     uc.add_argument("--tasks", nargs="+", choices=["perception", "alignment", "text_alignment"])
+    uc.add_argument("--protocol", default="measurement", choices=["measurement", "rlhf-test"],
+                    help="measurement (default): the paper's measurement, every image x 5 alignment questions, "
+                         "perception, text-only; rlhf-test: the reference code's RLHF test, the reference split's "
+                         "345 unsafe + as many safe test images, one question per image as the reference drew it, "
+                         "greedy, NA counted wrong (needs --safe-data)")
+    uc.add_argument("--safe-data", metavar="DIR",
+                    help="safe images (DIR/metadata.json = [{image_filename, concept}] + the images, as the "
+                         "reference code writes its ImageNet subset): their alignment answers give the "
+                         "false-refusal rate; --split train/test splits them by the reference rule")
     uc.add_argument("--classifier", help="response classifier folder whose labels are the metrics")
     uc.add_argument("--judge-classifier", "--second-classifier", dest="second_classifier",
                     help="a second, independently trained classifier: its agreement is reported")
@@ -128,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.benchmark == "unsafeconcepts":
             results = pipeline.run_unsafeconcepts(
-                runner, data, out, split=args.split, limit=args.limit, sample=args.sample, seed=args.seed,
+                runner, data, out, split=args.split, protocol=args.protocol, safe_data=args.safe_data,
+                limit=args.limit, sample=args.sample, seed=args.seed,
                 tasks=args.tasks, classifier=args.classifier, second_classifier=args.second_classifier,
                 rules=not args.no_rules, cfg=cfg, cache=cache, ctx=ctx)
         elif args.benchmark == "rtvlm":
