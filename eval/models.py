@@ -23,7 +23,14 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from safety_modules.configio import ConfigError
-from safety_modules.prompting import build_prompt
+from safety_modules.images import use_square_padding
+from safety_modules.prompting import CONVERSATIONS, build_prompt, use_conversation
+
+# How images reach the model: the processor's own preprocessing, or LLaVA-1.5's padding to a square.
+PROCESSOR_PREPROCESS = "processor"
+PAD_TO_SQUARE = "pad_to_square"
+IMAGE_PREPROCESS = (PROCESSOR_PREPROCESS, PAD_TO_SQUARE)
+CONVERSATION_NAMES = ("", *CONVERSATIONS)          # "": the processor's own chat template
 
 
 @dataclass
@@ -125,7 +132,9 @@ class ModelRunner:
         self.processor = processor
         self.name = name or fingerprint[:12]
         template = getattr(processor, "chat_template", "") or ""
-        self.fingerprint = hashlib.sha256(f"{self.kind}:{fingerprint}:{template}:{self.dtype}".encode()).hexdigest()
+        padding = ":pad_to_square" if getattr(processor.image_processor, "do_pad", False) else ""
+        self.fingerprint = hashlib.sha256(
+            f"{self.kind}:{fingerprint}:{template}:{self.dtype}{padding}".encode()).hexdigest()
 
     @property
     def device(self) -> torch.device:
@@ -214,15 +223,30 @@ class SafetyRunner(ModelRunner):
 RUNNERS: dict[str, type[ModelRunner]] = {"hf": HFRunner, "safevlm": SafetyRunner}
 
 
+def configure_input(processor, image_preprocess: str = PROCESSOR_PREPROCESS, conversation: str = ""):
+    """Apply the input settings of `load_runner` to a processor (before an adapter copies it)."""
+    if image_preprocess not in IMAGE_PREPROCESS:
+        raise ValueError(f"image_preprocess: must be one of {list(IMAGE_PREPROCESS)}, got {image_preprocess!r}")
+    if image_preprocess == PAD_TO_SQUARE:
+        use_square_padding(processor)
+    if conversation:
+        use_conversation(processor, conversation)
+    return processor
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_runner(model: str, adapter: str | Path | None = None, kind: str = "auto", device: str | None = None,
-                dtype: torch.dtype | None = None, seed: int = 0) -> ModelRunner:
+                dtype: torch.dtype | None = None, seed: int = 0, image_preprocess: str = PROCESSOR_PREPROCESS,
+                conversation: str = "") -> ModelRunner:
     """A runner for a model spec ('tiny', 'tiny-next' or a local folder), with an optional adapter.
 
     kind 'auto' is 'safevlm' with an adapter and 'hf' without. bf16 on GPU, fp32 on CPU by default.
+    `image_preprocess` 'pad_to_square' feeds images as the original LLaVA-1.5 did (padded to a square
+    with the mean colour, not centre-cropped); `conversation` names an original prompt template
+    (`safety_modules.prompting.CONVERSATIONS`, e.g. 'llava_v1'); '' keeps the processor's own.
     """
     from safety_modules.loading import TINY_SPECS, load_base
 
@@ -238,6 +262,7 @@ def load_runner(model: str, adapter: str | Path | None = None, kind: str = "auto
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     base, processor = load_base(model, dtype=dtype, device=device, seed=seed)
+    configure_input(processor, image_preprocess, conversation)
     if model in TINY_SPECS:
         base_fp = f"{model}:seed{seed}:{tensor_fingerprint(base)}"
     else:

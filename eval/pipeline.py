@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 from eval.benchmarks import EvalItem
 from eval.cache import Cache
 from eval.distributed import DistContext
 from eval.generation import GenerationResult, answer_items
 from eval.labeling import Labeler, build_labelers
-from eval.models import GenerationSettings, ModelRunner
+from eval.models import (CONVERSATION_NAMES, IMAGE_PREPROCESS, PROCESSOR_PREPROCESS, GenerationSettings,
+                         ModelRunner)
 from eval.report import write_results
 from safety_modules.configio import ConfigError, to_dict
 
@@ -29,6 +30,8 @@ class EvalConfig:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     batch_size: int = 16
     progress: bool = True
+    image_preprocess: Literal[IMAGE_PREPROCESS] = PROCESSOR_PREPROCESS    # pad_to_square: LLaVA-1.5's own
+    conversation: Literal[CONVERSATION_NAMES] = ""     # "": the processor's chat template; llava_v1: the original's
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -3,10 +3,37 @@
 Why: the collator, the guard, the evaluator and PPO must all format prompts identically, or the
 safety head and the LoRA see text at inference they never saw in training. The processor's own chat
 template decides the format (LLaVA-1.5's "USER: <image>\n... ASSISTANT:" on the tiny model and
-llava-1.5-hf, "[INST] ... [/INST]" on llava-v1.6-mistral).
+llava-1.5-hf, "[INST] ... [/INST]" on llava-v1.6-mistral); `use_conversation` replaces it by an
+original template, such as the original LLaVA-1.5's `llava_v1` with its system prompt.
 """
 
 from __future__ import annotations
+
+# The original LLaVA code's `conv_templates["llava_v1"]`: this system prompt, then turns
+# "USER: <message>" and "ASSISTANT: <message></s>" separated by a space, the image as "<image>\n"
+# in front of the first user message, and "ASSISTANT:" opening the answer.
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+LLAVA_V1_CHAT_TEMPLATE = (
+    LLAVA_V1_SYSTEM + " "
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %} {% else %}ASSISTANT: "
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+CONVERSATIONS: dict[str, str] = {"llava_v1": LLAVA_V1_CHAT_TEMPLATE}
+
+
+def use_conversation(processor, name: str):
+    """Make `processor` format prompts with the named original conversation template."""
+    if name not in CONVERSATIONS:
+        raise ValueError(f"conversation: unknown template {name!r}; known: {sorted(CONVERSATIONS)}")
+    processor.chat_template = CONVERSATIONS[name]
+    return processor
 
 
 def build_prompt(processor, question: str, with_image: bool = True) -> str:

@@ -74,6 +74,8 @@ class EvalSection:
     limit: int = 0                      # > 0: only the first N images per split (quick runs)
     protocol: Literal["measurement", "rlhf-test"] = "measurement"   # see eval.benchmarks.protocols
     safe_data: str = ""                 # safe-image folder (metadata.json + images); "": none, false refusal unmeasured
+    image_preprocess: Literal["processor", "pad_to_square"] = "processor"   # pad_to_square: LLaVA-1.5's own
+    conversation: Literal["", "llava_v1"] = ""       # "": the processor's chat template; llava_v1: the original's
 
 
 @dataclass
@@ -252,7 +254,8 @@ def _evaluate_split(cfg: PipelineConfig, adapter: str | None, split: str, out: P
     from eval.models import GenerationSettings, load_runner
     from eval.pipeline import EvalConfig, run_unsafeconcepts
     ctx = ctx or from_env()
-    runner = load_runner(cfg.base_model, adapter, device=ctx.device(), seed=cfg.model.seed)
+    runner = load_runner(cfg.base_model, adapter, device=ctx.device(), seed=cfg.model.seed,
+                         image_preprocess=cfg.eval.image_preprocess, conversation=cfg.eval.conversation)
     ecfg = EvalConfig(generation=GenerationSettings(greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
                                                     seed=cfg.seed),
                       batch_size=cfg.eval.batch_size)

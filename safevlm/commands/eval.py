@@ -44,6 +44,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--image-preprocess", choices=["processor", "pad_to_square"],
+                   help="processor (default): the processor's own (centre crop); pad_to_square: pad to a square "
+                        "with the mean colour first, as the original LLaVA-1.5 did")
+    p.add_argument("--conversation", choices=["llava_v1"],
+                   help="an original prompt template instead of the processor's (llava_v1: LLaVA-1.5's, with "
+                        "its system prompt)")
 
 
 def register(subparsers) -> None:
@@ -108,6 +114,9 @@ def _config(args: argparse.Namespace):
     overrides.append(f"generation.seed={args.seed}")
     if args.no_progress:
         overrides.append("progress=false")
+    for flag in ("image_preprocess", "conversation"):
+        if getattr(args, flag):
+            overrides.append(f"{flag}={getattr(args, flag)}")
     return load_config(EvalConfig, args.config, overrides, section="eval" if args.config else None)
 
 
@@ -135,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--data DIR is required (or --hub for UnsafeConcepts)")
     device = args.device or ctx.device()
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-    runner = load_runner(args.model, args.adapter, kind=args.runner, device=device, dtype=dtype, seed=args.model_seed)
+    runner = load_runner(args.model, args.adapter, kind=args.runner, device=device, dtype=dtype, seed=args.model_seed,
+                         image_preprocess=cfg.image_preprocess, conversation=cfg.conversation)
     cache = False if args.no_cache else args.cache
     try:
         if args.benchmark == "unsafeconcepts":
