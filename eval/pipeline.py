@@ -16,6 +16,7 @@ from eval.benchmarks import EvalItem
 from eval.cache import Cache
 from eval.distributed import DistContext
 from eval.generation import GenerationResult, answer_items
+from eval.judge_check import check_answers, judge_accuracy
 from eval.labeling import Labeler, build_labelers
 from eval.models import (CONVERSATION_NAMES, IMAGE_PREPROCESS, PROCESSOR_PREPROCESS, GenerationSettings,
                          ModelRunner)
@@ -32,10 +33,13 @@ class EvalConfig:
     progress: bool = True
     image_preprocess: Literal[IMAGE_PREPROCESS] = PROCESSOR_PREPROCESS    # pad_to_square: LLaVA-1.5's own
     conversation: Literal[CONVERSATION_NAMES] = ""     # "": the processor's chat template; llava_v1: the original's
+    judge_check: int = 8        # questions per task whose labelled answers score each labeller (0: none)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.judge_check < 0:
+            raise ConfigError(f"judge_check: must be >= 0, got {self.judge_check}")
 
 
 def open_cache(cache: Cache | str | Path | None, out: Path, table: str = "responses") -> Cache | None:
@@ -103,7 +107,12 @@ def run_unsafeconcepts(runner: ModelRunner, data: str | Path, out: str | Path, *
                        "n_items": len(items), "tasks": sorted({it.task for it in items})})
     results["labelers"] = list(labelers)
     results["metrics"] = {**scored["metrics"], "protocol": protocol}
-    write_results(out, results, scored["records"])
+    check = {"labelers": {}, "records": []}
+    if cfg.judge_check:
+        check = judge_accuracy(check_answers(items, cfg.judge_check, seed), labelers)
+        results["judge_check"] = {"questions_per_task": cfg.judge_check, "n": len(check["records"]),
+                                  "labelers": check["labelers"]}
+    write_results(out, results, scored["records"], check["records"])
     return results
 
 

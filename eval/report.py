@@ -70,6 +70,8 @@ def headline(results: Mapping) -> dict[str, float | None]:
             for part, acc in rlhf_test_parts(m).items():
                 if acc is not None:
                     out[f"UC RLHF test acc, {part} ({CONVENTION_NAMES['na_counted_wrong']})"] = acc["na_counted_wrong"]
+        for name, acc in (results.get("judge_check") or {}).get("labelers", {}).items():
+            out[f"UC labeller accuracy on labelled answers ({name})"] = acc["overall"]["agreement"]
         fr = m.get("false_refusal") or {}
         if fr.get("measured"):
             for conv in CONVENTIONS:
@@ -149,6 +151,20 @@ def safe_image_table(fr: Mapping) -> tuple[str, list[str], list[list[str]]]:
     return title, header, rows
 
 
+def judge_check_table(check: Mapping) -> tuple[str, list[str], list[list[str]]]:
+    """Each labeller's accuracy on the labelled answers of `eval.judge_check`: overall, per task, per style."""
+    names = list(check["labelers"])
+    first = check["labelers"][names[0]]
+    keys = [("overall", "overall", None)] + [(f"task: {t}", "per_task", t) for t in first["per_task"]] + \
+        [(f"style: {s}", "per_style", s) for s in first["per_style"]]
+    rows = []
+    for label, group, key in keys:
+        cells = [check["labelers"][n][group] if key is None else check["labelers"][n][group][key] for n in names]
+        rows.append([label, str(cells[0]["n"])] + [_fmt(c["agreement"]) for c in cells])
+    return ("Labeller accuracy on labelled answers in the evaluated answer styles (gold class, NA included)",
+            ["answers", "n"] + names, rows)
+
+
 def tables(results: Mapping) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) tables of one result, for Markdown and CSV."""
     bench, m = results["benchmark"], results["metrics"]
@@ -168,6 +184,8 @@ def tables(results: Mapping) -> list[tuple[str, list[str], list[list[str]]]]:
                     for group, pairs in m["agreement"].items() for pair, v in pairs.items()]
             out.append(("Labeller agreement", ["task", "pair", "agreement", "kappa", "n"], rows))
         out.append(safe_image_table(m.get("false_refusal") or {}))
+        if results.get("judge_check"):
+            out.append(judge_check_table(results["judge_check"]))
     elif bench == "rtvlm":
         rows = [[name, _fmt(v["score"]), str(v["n"]), str(v["n_failed"])] for name, v in m["per_subtask"].items()]
         rows += [[f"aspect: {a}", _fmt(v["score"]), "", ""] for a, v in m["per_aspect"].items()]
@@ -222,8 +240,10 @@ def make_plots(results: Mapping, out: Path) -> list[Path]:
     return made
 
 
-def write_results(out_dir: str | Path, results: dict, records: Sequence[Mapping] = ()) -> dict[str, Path]:
-    """Write every file of one eval into `out_dir`; returns name -> path."""
+def write_results(out_dir: str | Path, results: dict, records: Sequence[Mapping] = (),
+                  judge_records: Sequence[Mapping] = ()) -> dict[str, Path]:
+    """Write every file of one eval into `out_dir` (and judge_check.jsonl, the labelled answers
+    `eval.judge_check` scored the labellers on, when there are some); returns name -> path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), **results}
@@ -234,6 +254,9 @@ def write_results(out_dir: str | Path, results: dict, records: Sequence[Mapping]
     with paths["responses"].open("w", encoding="utf-8") as fh:
         for rec in records:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    if judge_records:
+        paths["judge_check"] = out / "judge_check.jsonl"
+        paths["judge_check"].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in judge_records))
     with paths["metrics_csv"].open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["metric", "value"])
