@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from eval import plots
-from eval.provenance import environment
+from eval.benchmarks.protocols import RLHF_TEST
 from eval.metrics import CONVENTIONS, FALSE_REFUSAL_NOT_MEASURED, RTVLM_ASPECTS
+from eval.provenance import environment
 
 CONVENTION_NAMES = {"na_excluded": "NA excluded", "na_counted_wrong": "NA counted wrong"}
 
@@ -96,9 +97,6 @@ def headline(results: Mapping) -> dict[str, float | None]:
         if "caption" in m:
             out["world caption acc"] = m["caption"]["accuracy"]
     return out
-
-
-RLHF_TEST = "rlhf-test"
 
 
 def rlhf_test_parts(m: Mapping) -> dict[str, Mapping | None]:
@@ -210,13 +208,12 @@ def tables(results: Mapping) -> list[tuple[str, list[str], list[list[str]]]]:
     return out
 
 
-def environment_markdown(env: Mapping | None = None) -> str:
-    """The run's environment (`eval.provenance.environment`) as a short Markdown section."""
-    env = env or environment()
+def environment_line(env: Mapping) -> str:
+    """One line naming the versions and hardware of `eval.provenance.environment`."""
     libs = ", ".join(f"{name} {version or 'not installed'}" for name, version in env["libraries"].items())
     gpu = env["gpu"] if isinstance(env["gpu"], str) else ", ".join(env["gpu"])
-    return (f"## Environment\n\npython {env['python']}; {libs}; CPU: {env['cpu']['model']} "
-            f"x {env['cpu']['count']}; GPU: {gpu}; {env['platform']}\n")
+    return (f"python {env['python']}; {libs}; CPU: {env['cpu']['model']} x {env['cpu']['count']}; GPU: {gpu}; "
+            f"{env['platform']}")
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -275,7 +272,7 @@ def write_results(out_dir: str | Path, results: dict, records: Sequence[Mapping]
     for i, path in enumerate(make_plots(results, out)):
         paths[f"plot{i}"] = path
         parts.append(f"![{path.stem}]({path.name})")
-    parts += ["", environment_markdown(results["environment"])]
+    parts += ["", "## Environment", "", environment_line(results["environment"])]
     paths["markdown"].write_text("\n".join(parts) + "\n")
     return paths
 
@@ -303,6 +300,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, names: Seq
     table: dict[str, dict[str, float | None]] = {}
     sources: dict[str, list[str]] = {}
     notes: dict[str, list[str]] = {}
+    environments: dict[str, list[str]] = {}
     for run, run_dir in zip(runs, run_dirs):
         sources[run] = []
         for path in find_results(run_dir):
@@ -312,6 +310,10 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, names: Seq
                 raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
             sources[run].append(str(path))
             notes[run] = notes.get(run, []) + caveats(results)
+            line = environment_line(results["environment"]) if results.get("environment") else "not recorded"
+            environments.setdefault(run, [])
+            if line not in environments[run]:
+                environments[run].append(line)
             for key, value in headline(results).items():
                 table.setdefault(key, {})[run] = value
     out = Path(out_dir)
@@ -320,15 +322,17 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, names: Seq
              "figure": out / "summary.png"}
     notes = {run: found for run, found in notes.items() if found}
     paths["json"].write_text(json.dumps({"runs": runs, "sources": sources, "table": table, "notes": notes,
-                                         "environment": environment()}, indent=2))
+                                         "environments": environments}, indent=2))
     rows = [[metric] + [_fmt(table[metric].get(r)) for r in runs] for metric in table]
     with paths["csv"].open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["metric"] + runs)
         writer.writerows(rows)
     lines = [f"- {run}: {note}" for run, found in notes.items() for note in found]
+    where = [f"- {run}: {line}" for run, found in environments.items() for line in found]
     paths["markdown"].write_text("# Runs side by side\n\n" + markdown_table(["metric"] + runs, rows)
                                  + ("\n\nNot measured:\n" + "\n".join(lines) if lines else "")
-                                 + f"\n\n![summary]({paths['figure'].name})\n\n" + environment_markdown())
+                                 + f"\n\n![summary]({paths['figure'].name})\n\n## Environments\n\n"
+                                 + "\n".join(where) + "\n")
     plots.plot_runs(table, runs, paths["figure"])
     return paths

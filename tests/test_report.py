@@ -14,7 +14,7 @@ from PIL import Image
 from eval.benchmarks import unsafeconcepts as uc
 from eval.labeling import RuleLabeler
 from eval.metrics import RTVLM_SUBTASKS, mme_scores, rtvlm_scores
-from eval.report import compare_runs, headline, write_results
+from eval.report import compare_runs, environment_line, headline, write_results
 from safevlm.cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -198,4 +198,8 @@ def test_reports_record_library_versions_and_hardware(uc_folder, tmp_path):
     assert env["cpu"]["count"] == os.cpu_count() and env["cpu"]["model"]
     assert env["gpu"] == "none" or isinstance(env["gpu"], list)
     md = paths["markdown"].read_text()
+    assert "## Environment" in md
     assert f"transformers {metadata.version('transformers')}" in md and f"python {env['python']}" in md
+    summary = compare_runs([tmp_path / "run"], tmp_path / "summary", names=["one"])
+    assert json.loads(summary["json"].read_text())["environments"]["one"] == [environment_line(env)]
+    assert f"- one: {environment_line(env)}" in summary["markdown"].read_text()
