@@ -377,6 +377,16 @@ def check_config(cfg: PipelineConfig, stages: list[Stage]) -> None:
                 select_rows(data, split)
         except (DataError, FileNotFoundError) as exc:
             raise ConfigError(f"{key}: evaluation data {str(cfg.eval_data)!r}: {exc}") from None
+    if any(s.name.startswith("eval_") for s in stages):
+        if cfg.eval.protocol == "rlhf-test" and not cfg.eval.safe_data:
+            raise ConfigError("eval.safe_data: the rlhf-test protocol needs the safe-image folder (metadata.json + images)")
+        if cfg.eval.safe_data:
+            from eval.benchmarks import DataError
+            from eval.benchmarks.safe_images import load_safe_images
+            try:
+                load_safe_images(cfg.eval.safe_data)
+            except DataError as exc:
+                raise ConfigError(f"eval.safe_data: {exc}") from None
 
 
 def _check_selection(cfg: PipelineConfig, names: set[str]) -> None:

@@ -191,3 +191,19 @@ def test_bad_safe_folders_are_named_by_file_entry_and_field(tmp_path):
         protocol_items("measurement", data, load_safe_images(root), None, ("alignment",))
     with pytest.raises(ValueError, match="protocol: must be one of"):
         protocol_items("paper", data, None, None, None)
+
+
+def test_a_run_config_stops_on_a_missing_or_bad_safe_folder_before_any_stage(tmp_path):
+    from safevlm.pipeline import check_config, load_pipeline_config, plan
+    from safety_modules.configio import ConfigError
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    cfg = load_pipeline_config(tiny, [f"run_dir={tmp_path / 'run'}", "eval.protocol=rlhf-test"])
+    with pytest.raises(ConfigError, match="eval.safe_data: the rlhf-test protocol needs the safe-image folder"):
+        check_config(cfg, plan(cfg))
+    cfg = load_pipeline_config(tiny, [f"run_dir={tmp_path / 'run'}", f"eval.safe_data={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match="eval.safe_data: .*not a safe-image folder"):
+        check_config(cfg, plan(cfg))
+    cfg = load_pipeline_config(tiny, [f"run_dir={tmp_path / 'run'}", f"eval.safe_data={_safe_folder(tmp_path / 's', 3)}"])
+    check_config(cfg, plan(cfg))
+    assert not (tmp_path / "run").exists()
