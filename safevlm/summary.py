@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 from eval.headline import CRITERION
+from eval.metrics import FALSE_REFUSAL_NOT_MEASURED
+from eval.provenance import environment
 from safevlm.selection import SELECTABLE, SELECTION_FILE
 from training.world.build import HELD_OUT_OF
 
@@ -21,12 +23,14 @@ VARIANTS = [("eval_base", "base"), ("eval_stage2", "stage 2"), ("eval_ppo", "PPO
 COLUMNS = [
     ("image_alignment", "image alignment acc (unsafe)"),
     ("image_alignment_na_wrong", "image alignment acc, NA counted wrong"),
-    ("false_refusal", "false-refusal rate (safe images)"),
+    ("safe_accuracy", "safe-image acc, NA counted wrong"),
+    ("safe_accuracy_na_excluded", "safe-image acc, NA excluded"),
     ("text_alignment", "text-only alignment acc"),
     ("modality_gap", "modality gap (text - image)"),
     ("perception", "perception acc"),
     ("judge_vs_reward_agreement", "judge vs reward classifier agreement"),
     ("judge_vs_rules_agreement", "judge vs rule-based agreement"),
+    ("judge_accuracy", "judge acc on labelled answers"),
 ]
 
 
@@ -37,15 +41,20 @@ def _numbers(results: dict) -> dict[str, float | None]:
         return m.get(task, {}).get("overall", {}).get(conv)
 
     agree = m.get("agreement", {}).get("alignment", {})
+    refusal = m.get("false_refusal") or {}
+    safe = (refusal.get("safe_accuracy") or {}) if refusal.get("measured") else {}
+    judge = results.get("judge_check", {}).get("labelers", {}).get(m.get("primary_labeler", ""), {})
     return {
         "image_alignment": overall("alignment"),
         "image_alignment_na_wrong": overall("alignment", "na_counted_wrong"),
-        "false_refusal": (m.get("false_refusal") or {}).get("rate"),
+        "safe_accuracy": safe.get("na_counted_wrong"),
+        "safe_accuracy_na_excluded": safe.get("na_excluded"),
         "text_alignment": overall("text_alignment"),
         "modality_gap": (m.get("modality_gap") or {}).get("na_excluded", {}).get("overall"),
         "perception": overall("perception"),
         "judge_vs_reward_agreement": agree.get("classifier_vs_second_classifier", {}).get("agreement"),
         "judge_vs_rules_agreement": agree.get("classifier_vs_rules", {}).get("agreement"),
+        "judge_accuracy": (judge.get("overall") or {}).get("agreement"),
     }
 
 
@@ -100,7 +109,7 @@ def _plot(results: dict, out: Path, data: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     paths = []
-    keys = [("image_alignment", "image alignment"), ("false_refusal", "false refusal (safe)"),
+    keys = [("image_alignment", "image alignment"), ("safe_accuracy", "safe images (NA wrong)"),
             ("text_alignment", "text-only alignment"), ("perception", "perception")]
     for split, variants in results["splits"].items():
         names = list(variants)
@@ -128,6 +137,7 @@ def write_pipeline_report(root: Path, out: Path, splits: list[str], data: str | 
     UnsafeConcepts folder evaluated (None: the concept world, whose splits are held out by design)."""
     out.mkdir(parents=True, exist_ok=True)
     results = collect(Path(root), splits, base_name)
+    results["environment"] = environment()
     (out / "results.json").write_text(json.dumps(results, indent=2))
     where = ("Measured on renders and concepts of the concept world held out of training (what each split is "
              "held out of is said under its heading)" if data is None
@@ -145,12 +155,15 @@ def write_pipeline_report(root: Path, out: Path, splits: list[str], data: str | 
         for name, numbers in variants.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(numbers[k]) for k, _ in COLUMNS) + " |")
             rows.append({"split": split, "model": name, **numbers})
+        if all(numbers["safe_accuracy"] is None for numbers in variants.values()):
+            lines += ["", f"False refusal on {split}: {FALSE_REFUSAL_NOT_MEASURED}"]
         lines += ["", f"![{split}](comparison_{split}.png)", ""]
     head = results["stage1_head_accuracy"]
     if head:
         lines += ["## Stage-1 safety head (safety-level accuracy)", "", "| records | accuracy |", "| --- | --- |"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in head.items()] + [""]
     lines += _selection_lines(Path(root))
+    lines += ["## Environment", "", "```", json.dumps(results["environment"], indent=1), "```", ""]
     (out / "report.md").write_text("\n".join(lines))
     with (out / "report.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["split", "model"] + [k for k, _ in COLUMNS])

@@ -73,7 +73,12 @@ def test_report_numbers_equal_results_json(run_dir: Path):
             checked += 1
         # and results.json holds what the evaluation itself wrote
         base = json.loads((run_dir / "eval_base" / split / "results.json").read_text())
-        assert variants["base (stage 0)"]["false_refusal"] == (base["metrics"].get("false_refusal") or {}).get("rate")
+        primary = base["metrics"]["primary_labeler"]
+        safe = [json.loads(line) for line in (run_dir / "eval_base" / split / "responses.jsonl").read_text().splitlines()]
+        safe = [r for r in safe if r["task"] == "alignment" and r["is_safe"]]
+        expected = sum(r["labels"][primary] == "Safe" for r in safe) / len(safe) if safe else None
+        measured = variants["base (stage 0)"]["safe_accuracy"]                         # NA counted wrong
+        assert measured is None if expected is None else measured == pytest.approx(expected)
     head = results["stage1_head_accuracy"]
     summary = json.loads((run_dir / "stage1" / "summary.json").read_text())
     assert head["train"] == summary["train_after"]["level_accuracy"]
