@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
 import shutil
 import time
@@ -33,6 +32,8 @@ from typing import Callable
 
 from safety_modules.config import SafetyConfig
 from safety_modules.configio import ConfigError, load_config, to_dict
+from safety_modules.fileio import read_json, write_json_atomic
+from training import runlock
 from training.classifier.train import ClassifierTrainConfig
 from training.config import (ModelSpec, Stage0Section, Stage1Section, Stage2Section, data_root,
                              default_records, stage_config)
@@ -331,9 +332,9 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, only: list[str] | Non
     ctx = _join_ranks()
     say = log if ctx.is_main else (lambda message: None)
     run_dir = cfg.root
+    lock = runlock.acquire(run_dir) if ctx.is_main else None    # one run per run folder
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        write_json_atomic(run_dir / "config.json", to_dict(cfg))
     summaries: dict[str, dict] = {}
     stages = [s for s in planned if only is None or s.name in only]
     started = time.time()
@@ -343,7 +344,7 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, only: list[str] | Non
         prefix = f"[{index}/{len(stages)}] {stage.name}"
         done = ctx.gather(marker.is_file() and not force)[0]     # rank 0 decides for everyone
         if done:
-            summaries[stage.name] = json.loads(marker.read_text())
+            summaries[stage.name] = read_json(marker, "stage marker (delete it to rerun the stage)")
             say(f"{prefix}: done already, skipped ({marker})")
             continue
         say(f"{prefix}: {stage.description} ...")
@@ -353,10 +354,12 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, only: list[str] | Non
         _release_memory()
         if ctx.is_main:
             summary["seconds"] = round(time.time() - start, 2)
-            marker.write_text(json.dumps(summary, indent=2, default=str))
+            write_json_atomic(marker, summary, default=str)
             summaries[stage.name] = summary
         ctx.barrier()
         say(f"{prefix}: finished in {round(time.time() - start, 2)} s (run so far {time.time() - started:.0f} s)")
     from training.engine import leave_distributed
     leave_distributed()
+    if lock is not None:
+        lock.release()
     return summaries
