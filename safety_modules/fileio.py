@@ -70,12 +70,14 @@ def describe_os_error(exc: OSError) -> str:
     return (exc.strerror or str(exc)).lower()
 
 
-def write_file(path: str | Path, write: Writer) -> None:
-    """Write `path` with `write(binary_file)`, flushed to disk; a failure raises FileWriteError.
+def write_file(path: str | Path, write: Writer, shown: str | Path | None = None) -> None:
+    """Write `path` with `write(binary_file)`, flushed to disk; a failure raises FileWriteError
+    naming `shown` (default: `path`).
 
     Not atomic by itself (see `atomic_write`); a failed write removes what it wrote.
     """
     path = Path(path)
+    shown = path if shown is None else shown
     sink = None
     try:
         with open(path, "wb") as fh:
@@ -88,7 +90,7 @@ def write_file(path: str | Path, write: Writer) -> None:
             path.unlink()
         cause = sink.error if sink is not None and sink.error is not None else exc
         if isinstance(cause, OSError):
-            raise FileWriteError(f"{path}: cannot write ({describe_os_error(cause)})") from None
+            raise FileWriteError(f"{shown}: cannot write ({describe_os_error(cause)})") from None
         raise
 
 
@@ -104,7 +106,7 @@ def atomic_write(path: str | Path, write: Writer) -> Path:
         raise FileWriteError(f"{path}: cannot write ({describe_os_error(exc)})") from None
     os.close(fd)
     try:
-        write_file(tmp, write)
+        write_file(tmp, write, shown=path)
         os.replace(tmp, path)
     except OSError as exc:
         raise FileWriteError(f"{path}: cannot write ({describe_os_error(exc)})") from None
@@ -142,7 +144,8 @@ def read_json(path: str | Path, what: str = "file") -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        cut = ", it ends early: truncated?" if exc.pos >= len(text.rstrip()) else ""
+        ends_early = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
+        cut = ", it ends early: truncated?" if ends_early else ""
         raise CorruptFileError(f"{path}: {what} is not valid JSON ({exc.msg} at line {exc.lineno} column "
                                f"{exc.colno}{cut})") from None
 

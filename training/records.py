@@ -93,7 +93,8 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
     except OSError as exc:
         raise FileNotFoundError(f"{path}: cannot read records file ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
-        raise RecordError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise RecordError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if text.lstrip().startswith("["):
         yield from _iter_json_array(path, text)
         return

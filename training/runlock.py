@@ -36,10 +36,10 @@ _GUARD = threading.Lock()
 class RunLock:
     """A held lock on a run folder; `release()` (or leaving the `with` block) gives it back."""
 
-    def __init__(self, run_dir: Path, key: str, created: bool) -> None:
+    def __init__(self, run_dir: Path, key: str, created: list[Path]) -> None:
         self.run_dir = run_dir
         self._key = key
-        self._created = created
+        self._created = created          # folders this lock made, deepest first
         self._released = False
 
     def release(self) -> None:
@@ -61,11 +61,11 @@ class RunLock:
             except OSError:
                 pass
             os.close(entry[0])
-        if self._created:
+        for folder in self._created:
             try:
-                self.run_dir.rmdir()                  # only when empty: a failed start leaves no folder
+                folder.rmdir()                        # only when empty: a failed start leaves no folder
             except OSError:
-                pass
+                break
 
     def __enter__(self) -> RunLock:
         return self
@@ -107,7 +107,11 @@ def acquire(run_dir: str | Path) -> RunLock:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunLockError(f"run_dir {run_dir}: a file is in the way (expected a folder)")
-    created = not run_dir.exists()
+    created = []
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists():
+            break
+        created.append(folder)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -116,7 +120,7 @@ def acquire(run_dir: str | Path) -> RunLock:
     with _GUARD:
         if key in _HELD:
             _HELD[key][1] += 1
-            return RunLock(run_dir, key, created=False)
+            return RunLock(run_dir, key, created=[])
         path = run_dir / LOCK_NAME
         try:
             fd = _take(path, run_dir)
