@@ -10,6 +10,8 @@ import csv
 import json
 from pathlib import Path
 
+from safety_modules.fileio import write_json_atomic
+
 # (pipeline evaluation stage, the name shown in the report); the base's name is the caller's
 # ("base (stage 0)" for the tiny models, which stage 0 pretrains; "base" for a real checkpoint)
 VARIANTS = [("eval_base", "base"), ("eval_stage2", "stage 2"), ("eval_ppo", "PPO"),
@@ -107,7 +109,7 @@ def write_pipeline_report(root: Path, out: Path, splits: list[str], data: str | 
     UnsafeConcepts folder evaluated (None: the concept world, whose splits are held out by design)."""
     out.mkdir(parents=True, exist_ok=True)
     results = collect(Path(root), splits, base_name)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json_atomic(out / "results.json", results)
     where = ("Measured on renders and whole concepts held out of all safety training" if data is None
              else f"Measured on {data}, splits {', '.join(splits)}")
     data = data or "the concept world"
