@@ -37,7 +37,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from safety_modules.fileio import write_text_atomic
+from safety_modules.adapter_io import remember_base
+from safety_modules.fileio import CorruptFileError, write_text_atomic
 from training import checkpoint as ckpt
 from training import runlock
 from training.config import TrainConfig
@@ -132,7 +133,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ckpt.CorruptCheckpoint(f"{path}: cannot be read ({exc})") from None
+        raise CorruptFileError(f"{path}: cannot be read ({exc})") from None
     kept = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -144,10 +145,10 @@ def truncate_metrics(path: Path, step: int) -> None:
             if number == len(lines):
                 log.warning("%s:%d: dropped a partial last line (a run was stopped while writing it)", path, number)
                 continue
-            raise ckpt.CorruptCheckpoint(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); "
+            raise CorruptFileError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); "
                                          "fix or remove that line to resume") from None
         if not isinstance(row_step, (int, float)):
-            raise ckpt.CorruptCheckpoint(f"{path}:{number}: expected a JSON object with a numeric 'step'")
+            raise CorruptFileError(f"{path}:{number}: expected a JSON object with a numeric 'step'")
         if row_step <= step:
             kept.append(line)
     write_text_atomic(path, "".join(ln + "\n" for ln in kept))
@@ -339,7 +340,6 @@ class Trainer:
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         if self.zero_stage == 3:
             _register_zero3_external_parameters(self.model)
-            from safety_modules.adapter_io import remember_base
             remember_base(self.model)        # the adapter's base hash, while the base is still whole
         if self.cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
