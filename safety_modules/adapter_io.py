@@ -216,11 +216,15 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _check_labels(cfg: SafetyConfig, path: Path) -> None:
+def _check_labels(cfg: SafetyConfig, path: Path, required: bool) -> None:
     """The JSON's risk types and levels must be the ones the weights were trained with (kept in the
     weights file's metadata): reordering them would relabel every verdict silently."""
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
+    if required and not {RISK_TYPES_META, LEVELS_META} <= set(meta):
+        raise AdapterError(f"{path}: the weights file carries no {RISK_TYPES_META!r}/{LEVELS_META!r} metadata "
+                           "(save_adapter writes it), so the labels of safety_config cannot be checked against "
+                           "the weights; export the adapter again with save_adapter")
     if RISK_TYPES_META in meta:
         try:
             trained = json.loads(meta[RISK_TYPES_META])
@@ -258,7 +262,8 @@ def _check_fingerprint(expected: dict, model: nn.Module, where: Path, strict_bas
     warnings.warn(problem, AdapterWarning, stacklevel=3)
 
 
-def _load_state(module: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+def _check_state(module: nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """The tensors' names and shapes must be exactly the modules' own."""
     own = module.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -269,7 +274,6 @@ def _load_state(module: nn.Module, tensors: dict[str, torch.Tensor], where: Path
         if tuple(tensor.shape) != tuple(own[name].shape):
             raise AdapterError(f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                f"the model expects {tuple(own[name].shape)}")
-    module.load_state_dict(tensors, strict=True)
 
 
 # LoRA settings that change what the same weights compute.
@@ -332,12 +336,13 @@ def load_adapter(model: nn.Module, directory: str | Path, processor=None, traina
     plain = model.plain_model if isinstance(model, SafetyVLM) else model
     _check_fingerprint(meta["fingerprint"], plain, directory / CONFIG_NAME, strict_base)
     tensors = _load_tensors(directory / WEIGHTS_NAME)
-    _check_labels(cfg, directory / WEIGHTS_NAME)
     if not isinstance(model, SafetyVLM):
         model = attach(model, cfg, processor, freeze_base=True)
     elif to_dict(model.safety_config) != to_dict(cfg):
         raise AdapterError(f"{directory / CONFIG_NAME}: its safety_config differs from the attached modules' config")
-    _load_state(model.safety, tensors, directory / WEIGHTS_NAME)
+    _check_state(model.safety, tensors, directory / WEIGHTS_NAME)
+    _check_labels(cfg, directory / WEIGHTS_NAME, required=meta["format_version"] >= 2)
+    model.safety.load_state_dict(tensors, strict=True)
     has_lora_files = (directory / LORA_CONFIG_NAME).is_file()
     if meta.get("has_lora") and not has_lora_files:
         raise AdapterError(f"{directory}: the adapter records a LoRA but {LORA_CONFIG_NAME} is missing")

@@ -196,6 +196,14 @@ def test_malformed_adapter_configs_name_the_field(tiny_builder, tmp_path, change
         load_adapter(base, tmp_path / "a", processor)
 
 
+def test_weights_without_their_label_metadata_are_refused(tiny_builder, tmp_path):
+    save_adapter(attached(tiny_builder), tmp_path / "a")
+    save_file(load_file(tmp_path / "a" / WEIGHTS_NAME), tmp_path / "a" / WEIGHTS_NAME)     # labels dropped
+    base, processor = tiny_builder("llava")
+    with pytest.raises(AdapterError, match=r"carries no 'risk_types'/'num_safety_levels' metadata"):
+        load_adapter(base, tmp_path / "a", processor)
+
+
 # -- 4. one run per run folder --------------------------------------------------------------------
 HOLDER = "import sys, time; from training import runlock; runlock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)"
 
