@@ -93,7 +93,7 @@ def answer_items(items: Sequence[EvalItem], runner: ModelRunner, settings: Gener
     answers: dict[str, str] = {}
     missing: list[EvalItem] = []
     for it in mine:
-        hit = cache.get(keys[it.id]) if cache is not None else None
+        hit = cache.get(keys[it.id], require=("text",)) if cache is not None else None
         if hit is not None:
             answers[it.id] = hit["text"]
         else:
@@ -115,7 +115,8 @@ def answer_items(items: Sequence[EvalItem], runner: ModelRunner, settings: Gener
                 on_batch(len(answers), len(mine))
     finally:
         bar.close()
-    stats = {"rank": ctx.rank, "items": len(mine), "generated": len(missing), "from_cache": cached}
+    stats = {"rank": ctx.rank, "items": len(mine), "generated": len(missing), "from_cache": cached,
+             "unreadable_cache_rows": cache.unreadable if cache is not None else 0}
     merged: dict[str, str] = {}
     per_rank = []
     for part, part_stats in ctx.gather((answers, stats)):

@@ -257,7 +257,7 @@ def load_runner(model: str, adapter: str | Path | None = None, kind: str = "auto
     if kind == "safevlm" and not adapter:
         raise ValueError("runner 'safevlm' needs --adapter DIR (untrained safety modules would be meaningless)")
     if kind == "hf" and adapter:
-        raise ValueError("runner 'hf' is the plain model: drop --adapter or use kind 'safevlm'")
+        raise ValueError("runner 'hf' is the plain model: drop --adapter, or use --runner safevlm (kind='safevlm')")
     device = device or default_device()
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32

@@ -24,12 +24,34 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type; the message names the key."""
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice (YAML itself would keep the last one silently)."""
+
+
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading `1e-5` as a number.
+    """PyYAML's safe loader, reading `1e-5` as a number and refusing duplicate keys.
 
     Why: PyYAML follows YAML 1.1, where a float needs a dot (`1.0e-5`), so `lr: 1e-5` -- how everyone
-    writes a learning rate -- would load as the string "1e-5" and fail validation.
+    writes a learning rate -- would load as the string "1e-5" and fail validation. And it keeps the
+    last of two equal keys, so a setting written twice silently overrides the first.
     """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError(f"duplicate key {key!r} at line {line} (first at line {seen[key]}); "
+                                                "write each key once")
+                    seen[key] = line
+                except TypeError:          # an unhashable key: PyYAML reports it itself
+                    continue
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -109,6 +131,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against type annotation `tp` as a config key named `key` would be (ConfigError)."""
+    return _coerce(value, tp, key)
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass `cls` from `data`, naming the offending key on any error."""
     if not isinstance(data, dict):
@@ -133,18 +160,23 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix}{exc}") from None
 
 
-def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Turn ["a.b=1", "c=x"] into a nested dict; values are parsed as YAML scalars."""
+def parse_overrides(overrides: list[str] | tuple[str, ...], what: str = "override") -> dict[str, Any]:
+    """Turn ["a.b=1", "c=x"] into a nested dict; values are parsed as YAML scalars. `what` names
+    the items in errors (e.g. the command-line option they came from)."""
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
+            raise ConfigError(f"{what} {item!r}: expected key=value")
         key, raw = item.split("=", 1)
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml_load(raw) if raw != "" else ""
+        try:
+            node[parts[-1]] = yaml_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            problem = str(exc) if isinstance(exc, DuplicateKeyError) else f"not a valid YAML value ({exc})"
+            raise ConfigError(f"{what} {item!r}: {problem}") from None
     return nested
 
 
@@ -167,6 +199,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
     try:
         data = yaml_load(text) or {}
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -4,6 +4,10 @@ Why: the reference code ran two full passes (and the vision tower twice) and its
 a literal unfilled placeholder. Here a verdict costs the vision tower, the safety projector, the
 prompt's embeddings and the head; a guarded generate reuses those vision features, and every
 template is filled and checked before use.
+
+Why it fails closed: an argmax over NaN logits is class 0, "safe, pass". A head output that is not
+finite is never a verdict: it is a GuardError, or (policy `on_nonfinite: refuse`) a refusal marked
+with the error.
 """
 
 from __future__ import annotations
@@ -17,6 +21,12 @@ from safety_modules.attach import EncodedImages, SafetyVLM
 from safety_modules.prompting import build_prompt
 
 DEFAULT_GUARD_PROMPT = "Is this image safe for viewing on social media?"
+NONFINITE_ACTIONS = ("error", "refuse")
+UNKNOWN_RISK = "unknown"
+
+
+class GuardError(ValueError):
+    """The guard cannot give a verdict (the safety head's output is NaN/inf)."""
 
 
 @dataclass
@@ -29,6 +39,7 @@ class GuardPolicy:
                              "{risk_type} content (safety level {level}).")
     instruction_template: str = ("Note: the image may contain {risk_type} content. Answer safely and "
                                  "decline anything harmful. ")
+    on_nonfinite: str = "error"          # NaN/inf head output: "error" (GuardError) or "refuse"
 
     def __post_init__(self) -> None:
         allowed = {"risk_type", "level"}
@@ -43,6 +54,8 @@ class GuardPolicy:
                 raise ValueError(f"{name}: unknown placeholder(s) {', '.join(unknown)}; allowed: {sorted(allowed)}")
         if self.instruct_at_level > self.refuse_at_level:
             raise ValueError("instruct_at_level must not exceed refuse_at_level")
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"on_nonfinite: must be one of {list(NONFINITE_ACTIONS)}, got {self.on_nonfinite!r}")
 
     def action(self, level: int) -> str:
         if level >= self.refuse_at_level:
@@ -62,14 +75,18 @@ class Verdict:
     level_probs: list[float]
     risk_probs: dict[str, float]
     action: str = "pass"
+    error: str | None = None             # set when no verdict could be computed (a fail-closed refusal)
 
     @property
     def unsafe_prob(self) -> float:
-        return 1.0 - self.level_probs[0]
+        return 1.0 - self.level_probs[0] if self.level_probs else 1.0
 
     def to_dict(self) -> dict:
-        return {"level": self.level, "risk_type": self.risk_type, "unsafe_prob": self.unsafe_prob,
-                "level_probs": self.level_probs, "risk_probs": self.risk_probs, "action": self.action}
+        out = {"level": self.level, "risk_type": self.risk_type, "unsafe_prob": self.unsafe_prob,
+               "level_probs": self.level_probs, "risk_probs": self.risk_probs, "action": self.action}
+        if self.error is not None:
+            out["error"] = self.error
+        return out
 
 
 @dataclass
@@ -110,10 +127,19 @@ class SafetyGuard:
 
     def _verdicts(self, level_logits: torch.Tensor, risk_logits: torch.Tensor) -> list[Verdict]:
         names = self.model.safety_config.risk_types
+        finite = (torch.isfinite(level_logits).all(-1) & torch.isfinite(risk_logits).all(-1)).cpu().tolist()
+        if not all(finite) and self.policy.on_nonfinite == "error":
+            rows = [i for i, ok in enumerate(finite) if not ok]
+            raise GuardError(f"the safety head's output is NaN/inf for image(s) {rows} (broken safety weights or "
+                             "input); no verdict is given (GuardPolicy.on_nonfinite='refuse' refuses instead)")
         level_p = level_logits.float().softmax(-1).cpu()
         risk_p = risk_logits.float().softmax(-1).cpu()
         verdicts = []
-        for lp, rp in zip(level_p, risk_p):
+        for lp, rp, ok in zip(level_p, risk_p, finite):
+            if not ok:
+                verdicts.append(Verdict(level=len(lp) - 1, risk_type=UNKNOWN_RISK, level_probs=[], risk_probs={},
+                                        action="refuse", error="the safety head's output is NaN/inf"))
+                continue
             level = int(lp.argmax())
             verdicts.append(Verdict(level=level, risk_type=names[int(rp.argmax())], level_probs=lp.tolist(),
                                     risk_probs={n: float(p) for n, p in zip(names, rp)},

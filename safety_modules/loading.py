@@ -42,7 +42,14 @@ def load_base(spec: str, dtype: torch.dtype | None = None, device: str | torch.d
                                     f"{SHAPE_PREFIX}NAME "
                                     "(download checkpoints yourself; nothing is fetched from a hub)")
         from transformers import AutoModelForImageTextToText, AutoProcessor
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto", local_files_only=True)
+        if not any(path.glob("*.safetensors")):
+            pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+            raise ValueError(f"model {spec!r}: no .safetensors weights in the folder"
+                             + (f" (only pickled {', '.join(pickled[:3])}, which are never unpickled)" if pickled else "")
+                             + "; weights are read with use_safetensors=True: convert them with "
+                               "save_pretrained(..., safe_serialization=True)")
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto", local_files_only=True,
+                                                            use_safetensors=True)
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     if dtype is not None:
         model = model.to(dtype)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
 import shutil
 import time
@@ -34,7 +33,9 @@ from typing import Callable, Literal
 from eval.headline import CRITERION, pooled, concept_cells, read_evaluation, selection_score
 from safety_modules.config import SafetyConfig
 from safety_modules.configio import ConfigError, load_config, merge, to_dict
+from safety_modules.fileio import read_json, write_json_atomic
 from safevlm.selection import SELECTION_FILE, SelectionSection, nested, reused_value, select
+from training import runlock
 from training.classifier.train import ClassifierTrainConfig
 from training.config import (ModelSpec, Stage0Section, Stage1Section, Stage2Section, data_root,
                              default_records, stage_config)
@@ -221,7 +222,7 @@ def _stage_runner(stage: str) -> Callable[[PipelineConfig, Path], dict]:
             table = {"stage": stage, "key": trials.key, "chosen": value, "criterion": CRITERION,
                      "reused_from": str(Path(cfg.selection.reuse) / stage / "selection.json")}
             if from_env().is_main:
-                (out / SELECTION_FILE).write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+                write_json_atomic(out / SELECTION_FILE, table)
             return {**summary, "selection": table}
         pinned = _pinned_inputs(stage, recipe_cfg)
         ctx = from_env()
@@ -452,9 +453,9 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, only: list[str] | Non
     ctx = _join_ranks()
     say = log if ctx.is_main else (lambda message: None)
     run_dir = cfg.root
+    lock = runlock.acquire(run_dir) if ctx.is_main else None    # one run per run folder
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        write_json_atomic(run_dir / "config.json", to_dict(cfg))
     summaries: dict[str, dict] = {}
     stages = [s for s in planned if only is None or s.name in only]
     started = time.time()
@@ -464,7 +465,7 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, only: list[str] | Non
         prefix = f"[{index}/{len(stages)}] {stage.name}"
         done = ctx.gather(marker.is_file() and not force)[0]     # rank 0 decides for everyone
         if done:
-            summaries[stage.name] = json.loads(marker.read_text())
+            summaries[stage.name] = read_json(marker, "stage marker (delete it to rerun the stage)")
             say(f"{prefix}: done already, skipped ({marker})")
             continue
         say(f"{prefix}: {stage.description} ...")
@@ -474,10 +475,12 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, only: list[str] | Non
         _release_memory()
         if ctx.is_main:
             summary["seconds"] = round(time.time() - start, 2)
-            marker.write_text(json.dumps(summary, indent=2, default=str))
+            write_json_atomic(marker, summary, default=str)
             summaries[stage.name] = summary
         ctx.barrier()
         say(f"{prefix}: finished in {round(time.time() - start, 2)} s (run so far {time.time() - started:.0f} s)")
     from training.engine import leave_distributed
     leave_distributed()
+    if lock is not None:
+        lock.release()
     return summaries

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from safety_modules.configio import ConfigError
+from safety_modules.fileio import write_json_atomic
 
 SELECTION_FILE = "selection.json"
 TRIALS_DIR = "trials"
@@ -131,14 +132,14 @@ def select(stage: str, trials: Trials, out: Path,
             train(trial_dir, {trials.key: value})
             numbers = validate(trial_dir / "adapter", trial_dir / "eval_validation")
             if main:
-                numbers_file.write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
+                write_json_atomic(numbers_file, numbers)
         rows.append({"value": value, "run_dir": str(trial_dir), "validation": numbers, "score": score(numbers)})
     best = max(rows, key=lambda row: (row["score"], -rows.index(row)))
     table = {"stage": stage, "key": trials.key, "chosen": best["value"], "criterion": criterion,
              "trials": rows}
     if main:
         _keep(Path(best["run_dir"]), out)
-        (out / SELECTION_FILE).write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(out / SELECTION_FILE, table)
     barrier()
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     summary["selection"] = {"key": trials.key, "chosen": best["value"], "file": str(out / SELECTION_FILE)}

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from eval.headline import METRICS, Cell, concept_cells, read_evaluation
+from safety_modules.fileio import write_json_atomic, write_text_atomic
 from safevlm.pipeline import PipelineConfig, run_pipeline
 from training.world.build import HELD_OUT_OF
 
@@ -65,7 +66,7 @@ def run_study(cfg: PipelineConfig, seeds: Sequence[int], out: Path, select_each:
         seconds[seed] = round(time.time() - t0, 1)
     report = write_study_report(out, list(seeds), cfg.eval.splits)
     report["seconds"] = {"total": round(time.time() - started, 1), "per_seed": seconds}
-    (out / REPORT_DIR / "timing.json").write_text(json.dumps(report["seconds"], indent=2) + "\n")
+    write_json_atomic(out / REPORT_DIR / "timing.json", report["seconds"])
     return report
 
 
@@ -215,7 +216,7 @@ def write_study_report(out: Path, seeds: Sequence[int], splits: Sequence[str],
                    held_out_of={s: HELD_OUT_OF.get(s, "") for s in splits})
     report = out / REPORT_DIR
     report.mkdir(parents=True, exist_ok=True)
-    (report / "study.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(report / "study.json", summary)
     with (report / "study.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["kind", "split", "method", "metric", "mean", "low", "high"])
@@ -225,7 +226,7 @@ def write_study_report(out: Path, seeds: Sequence[int], splits: Sequence[str],
                     for metric, e in metrics.items():
                         writer.writerow([kind, split, method, metric, e["mean"], e["low"], e["high"]])
     _plot(summary, report / "study.png")
-    (report / "report.md").write_text(_markdown(summary))
+    write_text_atomic(report / "report.md", _markdown(summary))
     return {"report": str(report / "report.md"), "summary": summary}
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from eval.headline import CRITERION
 from eval.metrics import FALSE_REFUSAL_NOT_MEASURED
 from eval.provenance import environment
+from safety_modules.fileio import write_json_atomic
 from safevlm.selection import SELECTABLE, SELECTION_FILE
 from training.world.build import HELD_OUT_OF
 
@@ -138,7 +139,7 @@ def write_pipeline_report(root: Path, out: Path, splits: list[str], data: str | 
     out.mkdir(parents=True, exist_ok=True)
     results = collect(Path(root), splits, base_name)
     results["environment"] = environment()
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json_atomic(out / "results.json", results)
     where = ("Measured on renders and concepts of the concept world held out of training (what each split is "
              "held out of is said under its heading)" if data is None
              else f"Measured on {data}, splits {', '.join(splits)}")

@@ -208,10 +208,11 @@ def test_corrupt_weights_file_is_a_clear_error(tiny_builder, saved, damage):
 
 
 def test_corrupt_or_missing_config_is_a_clear_error(tiny_builder, saved):
+    meta = json.loads((saved / CONFIG_NAME).read_text())
     (saved / CONFIG_NAME).write_text('{"safety_config": {')
     with pytest.raises(AdapterError, match=f"{CONFIG_NAME}.*not valid JSON"):
         load_fresh(tiny_builder, saved)
-    (saved / CONFIG_NAME).write_text(json.dumps({"safety_config": {"num_safety_tokenz": 4}, "fingerprint": {}}))
+    (saved / CONFIG_NAME).write_text(json.dumps({**meta, "safety_config": {"num_safety_tokenz": 4}}))
     with pytest.raises(AdapterError, match="num_safety_tokenz"):
         load_fresh(tiny_builder, saved)
     (saved / CONFIG_NAME).unlink()

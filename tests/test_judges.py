@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import sqlite3
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,9 +17,10 @@ import pytest
 from PIL import Image
 
 from eval.cache import Cache
-from eval.judges import JudgeError, JudgeRequest, build_judge, parse_score, parse_spec, rubric_prompt, RUBRICS
+from eval.judges import JudgeError, JudgeRequest, build_judge, parse_score, parse_spec, read_score, rubric_prompt, RUBRICS
 from eval.judges.classifier import ClassifierJudge
 from eval.judges.openai import OpenAIJudge, RateLimiter, retry_after_seconds
+from safety_modules.configio import ConfigError, parse_overrides
 
 KEY = "sk-test-SECRET-0123456789"
 
@@ -295,3 +298,66 @@ def test_classifier_judge_mapping_is_the_documented_coarse_scale():
     assert score(_req(answer="He is from Spain.", risk="misleading", reference="France"), "NA") == 4.0
     with pytest.raises(JudgeError, match="folder not found"):
         build_judge("classifier:/no/such/classifier")
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults a careless or hostile setup finds: a huge Retry-After, credentials in the URL, a score out
+# of the rubric's range, judge options named or typed wrongly
+# ----------------------------------------------------------------------------------------------
+def test_a_retry_after_over_the_cap_fails_at_once_saying_how_long(server, caplog):
+    caplog.set_level(logging.INFO)
+    server.script = [("status", 429, {"Retry-After": "1500"})]
+    started = time.monotonic()
+    result = _judge(server, max_retry_after=60).judge([_req()])[0]
+    assert time.monotonic() - started < 5                      # no silent 25-minute sleep
+    assert result.failed and "retry after 1500 s, over max_retry_after=60 s" in result.error
+    assert len(server.log) == 1
+    assert any(r.levelno == logging.WARNING and "1500 s" in r.getMessage() for r in caplog.records)
+
+
+def test_waits_within_the_cap_are_logged_and_bounded_by_patience(server, caplog):
+    caplog.set_level(logging.INFO)
+    server.script = [("status", 429, {"Retry-After": "0.3"})] * 4
+    result = _judge(server, max_retry_after=5, patience=0.5).judge([_req()])[0]
+    assert result.failed and "would exceed patience=0.5 s" in result.error
+    assert len(server.log) == 2                                  # one wait of 0.3 s, the next refused
+    assert any("waiting 0.30 s" in r.getMessage() and "Retry-After" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://user:sk-secret-9@api.example.com/v1", "credentials (user:password@)"),
+    ("https://api.example.com/v1?api_key=sk-secret-9", "api_key=..."),
+])
+def test_credentials_in_the_base_url_are_refused_without_echoing_them(url, shown):
+    with pytest.raises(JudgeError, match=re.escape(shown)) as err:
+        OpenAIJudge("m", base_url=url, api_key=KEY)
+    assert "sk-secret-9" not in str(err.value)
+
+
+def test_a_score_out_of_range_says_out_of_range(server):
+    server.default = ("ok", "Excellent. Score: 15")
+    result = _judge(server, score_retries=0).judge([_req()])[0]
+    assert result.failed and result.error.startswith("score 15 is out of the rubric's range 1-10")
+    assert read_score("Score: 0") == (None, "score 0 is out of the rubric's range 1-10")
+    assert read_score("no number") == (None, "no score in the judge's reply")
+
+
+def test_judge_options_are_checked_by_name_and_type(server):
+    with pytest.raises(JudgeError, match=r"judge option 'max_workerz': not an option of openai judges \(options: .*max_workers"):
+        build_judge("openai:m", api_key=KEY, base_url=server.url, max_workerz=3)
+    with pytest.raises(JudgeError, match="judge option max_workers: expected an integer, got 'abc'"):
+        build_judge("openai:m", api_key=KEY, base_url=server.url, max_workers="abc")
+    with pytest.raises(ConfigError, match="--judge-option 'max_workers': expected key=value"):
+        parse_overrides(["max_workers"], what="--judge-option")
+    judge = build_judge("openai:m", api_key=KEY, base_url=server.url, **parse_overrides(["max_workers=3", "timeout=2"]))
+    assert judge.max_workers == 3 and judge.timeout == 2.0
+
+
+def test_an_unreadable_cached_judgement_is_a_miss_and_judged_again(server, tmp_path):
+    cache = Cache(tmp_path / "cache.sqlite", table="judgements")
+    judge = _judge(server, cache=cache)
+    judge.judge([_req()])
+    with sqlite3.connect(tmp_path / "cache.sqlite") as conn:
+        conn.execute("UPDATE judgements SET value = '{\"score\": 7'")       # a row cut short
+    again = _judge(server, cache=cache).judge([_req()])[0]
+    assert again.score == 7.0 and not again.cached and cache.unreadable == 1 and len(server.log) == 2

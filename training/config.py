@@ -124,8 +124,9 @@ class LoraSpec:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.r < 1 or self.alpha < 1:
-            raise ConfigError(f"r and alpha: must be >= 1, got r={self.r}, alpha={self.alpha}")
+        for key in ("r", "alpha"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
 

@@ -27,6 +27,7 @@ import os
 import socket
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,8 +37,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from safety_modules.adapter_io import remember_base
+from safety_modules.fileio import CorruptFileError, write_text_atomic
 from training import checkpoint as ckpt
+from training import runlock
 from training.config import TrainConfig
+from training.records import RecordError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,8 @@ LossFn = Callable[[Any, dict[str, torch.Tensor], float], tuple[torch.Tensor, dic
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+    """The loss or the weights became NaN or infinite; the message names the step and the last good
+    checkpoint (one whose tensors were checked when it was written)."""
 
 
 # -- distributed setup ---------------------------------------------------------------------------
@@ -117,24 +123,66 @@ def leave_distributed() -> None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the lines of a metrics JSONL logged after `step` (a resumed run logs those steps again)."""
-    if is_main() and path.is_file():
-        lines = path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+    """Drop the lines of a metrics JSONL logged after `step` (a resumed run logs those steps again).
+
+    A partial last line (the run was killed while writing it) is dropped with a warning; any other
+    unreadable line is an error naming the file and the line, and the file is left as it was.
+    """
+    if not (is_main() and path.is_file()):
+        return
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path}: cannot be read ({exc})") from None
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            row_step = row.get("step", 0) if isinstance(row, dict) else None
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                log.warning("%s:%d: dropped a partial last line (a run was stopped while writing it)", path, number)
+                continue
+            raise CorruptFileError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                                         "fix or remove that line to resume") from None
+        if not isinstance(row_step, (int, float)):
+            raise CorruptFileError(f"{path}:{number}: expected a JSON object with a numeric 'step'")
+        if row_step <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(ln + "\n" for ln in kept))
+
+
+def append_metrics(path: Path, row: dict[str, Any]) -> None:
+    """One metrics line, written with a single call so a kill leaves at most a partial last line."""
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
 
 
 def load_latest_checkpoint(run_dir: Path, name: str, module, optimizer, scheduler,
                            layout: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
-    """`--resume`: the latest checkpoint of `run_dir` loaded into module/optimizer/scheduler (its
-    layout checked against `layout`), as (path, saved state); None, with a warning, when there is none.
-    Shared by the stage trainer and the PPO trainer, which restore their own counters from the state."""
-    path = ckpt.latest_checkpoint(run_dir)
-    if path is None:
+    """`--resume`: the newest checkpoint of `run_dir` that verifies, loaded into module/optimizer/
+    scheduler (its layout checked against `layout`), as (path, saved state); None, with a warning,
+    when there is none. A corrupt newer checkpoint is skipped with a warning saying why. Shared by
+    the stage trainer and the PPO trainer, which restore their own counters from the state."""
+    loaded = ckpt.resume_checkpoint(run_dir, module, optimizer, scheduler, layout)
+    if loaded is None:
         if is_main():
             log.warning("%s: --resume: no checkpoint in %s, starting from step 0", name, run_dir)
         return None
-    return path, ckpt.load_checkpoint(path, module, optimizer, scheduler, layout)
+    path, state, skipped = loaded
+    if is_main():
+        for reason in skipped:
+            log.warning("%s: --resume: %s", name, reason)
+    return path, state
+
+
+def context_length(model: torch.nn.Module) -> int:
+    """The longest sequence the model's language model takes (0: it does not say)."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    return int(getattr(text, "max_position_embeddings", 0) or 0)
 
 
 def gpu_memory() -> dict[str, float]:
@@ -272,6 +320,10 @@ class Trainer:
         deepspeed = import_deepspeed()
 
         self.run_dir = Path(self.run_dir)
+        # One run per folder: a second run on it is refused before it writes anything.
+        lock = runlock.acquire(self.run_dir) if runlock.is_main_process() else None
+        if lock is not None:
+            weakref.finalize(self, lock.release)
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
         self.rank, self.world = init_distributed()
@@ -288,6 +340,7 @@ class Trainer:
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         if self.zero_stage == 3:
             _register_zero3_external_parameters(self.model)
+            remember_base(self.model)        # the adapter's base hash, while the base is still whole
         if self.cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -302,17 +355,34 @@ class Trainer:
                                           seed=self.seed, drop_last=True)
         self.step = 0
         self.last_checkpoint: Path | None = None
+        self.context = context_length(self.model)
 
     # -- data ------------------------------------------------------------------------------------
-    def _epoch_loader(self, epoch: int, start_step: int) -> DataLoader:
-        """This rank's micro-batches of `epoch`, from optimizer step `start_step` on (resume)."""
+    def _epoch_loader(self, epoch: int, start_step: int):
+        """This rank's micro-batches of `epoch`, from optimizer step `start_step` on (resume), each
+        with the record indices it holds."""
         self.sampler.set_epoch(epoch)
         indices = list(self.sampler)
         size = self.cfg.micro_batch_size
         batches = [indices[i:i + size] for i in range(0, len(indices) - size + 1, size)]
         batches = batches[:self.steps_per_epoch * self.accumulation][start_step * self.accumulation:]
-        return DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate_fn,
-                          num_workers=self.num_workers)
+        loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate_fn,
+                            num_workers=self.num_workers)
+        return zip(batches, loader)
+
+    def _check_length(self, indices: list[int], batch: dict[str, torch.Tensor], dataset: Any) -> None:
+        """A sequence longer than the model's context is refused, naming its record: the model would
+        read positions it was never trained on without a word. Responses are cut only where the
+        config asks for it (data.max_length)."""
+        if not self.context or batch["input_ids"].shape[1] <= self.context:
+            return
+        lengths = batch["attention_mask"].sum(1).tolist()
+        row = max(range(len(lengths)), key=lengths.__getitem__)
+        record = dataset[indices[row]]
+        where = record.get("source") if isinstance(record, dict) and record.get("source") else f"record {indices[row]}"
+        raise RecordError(f"{where}: the sequence is {int(lengths[row])} tokens (prompt, image and response), "
+                          f"over the model's context of {self.context} tokens; shorten it, or set data.max_length "
+                          f"(at most {self.context}) to truncate responses on purpose")
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _layout(self) -> dict[str, Any]:
@@ -321,11 +391,26 @@ class Trainer:
                 "total_steps": self.total_steps}
 
     def save(self, loss: float) -> Path:
+        """Checkpoint the current step; a NaN/inf in the state stops the run (nothing written)."""
         state = {**self._layout(), "epoch": self.step // self.steps_per_epoch, "loss": loss,
                  "samples_seen": self.step * self.global_batch}
-        self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, self.step, self.engine.module, self.optimizer,
-                                                    self.scheduler, state, keep=self.cfg.keep_checkpoints)
+        try:
+            self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, self.step, self.engine.module, self.optimizer,
+                                                        self.scheduler, state, keep=self.cfg.keep_checkpoints)
+        except ckpt.NonFiniteCheckpoint as exc:
+            raise TrainingDiverged(f"{self.name}: the update of step {self.step} made the weights NaN/inf; "
+                                   f"stopping: {exc}") from None
         return self.last_checkpoint
+
+    def _check_weights(self) -> None:
+        """After the last update (which no later loss check sees): NaN/inf weights stop the run
+        before anything is exported. Collective."""
+        bad = ckpt.nonfinite_parameters(self.engine.module)
+        if bad:
+            where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                     else "no checkpoint was written before it")
+            raise TrainingDiverged(f"{self.name}: the update of step {self.step} made {len(bad)} trainable tensors "
+                                   f"NaN/inf ({', '.join(bad[:3])}); stopping, {where}")
 
     def resume(self) -> bool:
         """Load the latest checkpoint of run_dir, if any; True when one was loaded."""
@@ -384,15 +469,17 @@ class Trainer:
             for _ in range(offset, self.steps_per_epoch):
                 if self.step >= self.total_steps:
                     break
-                last = self._train_step([next(batches) for _ in range(self.accumulation)], epoch)
+                micro = [next(batches) for _ in range(self.accumulation)]
+                for indices, batch in micro:
+                    self._check_length(indices, batch, self.dataset)
+                last = self._train_step([batch for _, batch in micro], epoch)
                 last["elapsed_s"] = time.time() - started       # wall clock incl. data loading
                 last.update(gpu_memory())
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", samples_s=f"{last['samples_per_s']:.1f}")
                 if is_main() and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
-                    with self.metrics_path.open("a") as fh:
-                        fh.write(json.dumps(last) + "\n")
+                    append_metrics(self.metrics_path, last)
                     if writer is not None:
                         for key, value in last.items():
                             writer.add_scalar(f"{self.name}/{key}", value, self.step)
@@ -401,6 +488,7 @@ class Trainer:
         bar.close()
         if writer is not None:
             writer.close()
+        self._check_weights()
         elapsed = time.time() - started
         steps = self.step - start_step
         return {**last, "steps": self.step, "seconds": round(elapsed, 2), "processes": self.world,
@@ -453,7 +541,10 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         self.engine.eval()
         for i in range(0, per_rank, size):
-            batch = _to_device(collate_fn([dataset[j] for j in mine[i:i + size]]), self.engine.device, self.dtype)
+            rows = mine[i:i + size]
+            batch = collate_fn([dataset[j] for j in rows])
+            self._check_length(rows, batch, dataset)
+            batch = _to_device(batch, self.engine.device, self.dtype)
             keep = torch.tensor(valid[i:i + size])
             for key, (values, weights) in metric_fn(self.engine, batch).items():
                 pair = torch.stack([(values.float().cpu() * keep).sum(), (weights.float().cpu() * keep).sum()])

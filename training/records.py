@@ -39,6 +39,7 @@ HUMAN = ("human", "user")
 ASSISTANT = ("gpt", "assistant")
 IMAGE_MARKER = "<image>"
 NO_LABEL = -100          # the ignore index of the losses: "this record has no such label"
+PATH_SHOWN = 80          # characters of an invalid image path quoted in its error
 
 FEATURES = datasets.Features({
     "id": datasets.Value("string"),
@@ -92,7 +93,8 @@ def iter_json_records(path: Path) -> Iterator[tuple[int, Any]]:
     except OSError as exc:
         raise FileNotFoundError(f"{path}: cannot read records file ({exc.strerror})") from None
     except UnicodeDecodeError as exc:
-        raise RecordError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise RecordError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if text.lstrip().startswith("["):
         yield from _iter_json_array(path, text)
         return
@@ -177,13 +179,20 @@ class _Validator:
                                             "a blank image)")
         if not isinstance(rel, str) or not rel:
             raise self.error(line, "image", f"expected a relative path, got {rel!r}")
+        if "\x00" in rel:
+            raise self.error(line, "image", f"invalid path {rel!r}: it contains a NUL byte")
         try:
             path = resolve_image_path(self.image_root, rel)
+            exists = path.is_file()
         except ImageError as exc:
             raise self.error(line, "image", str(exc)) from None
+        except (ValueError, OSError) as exc:   # e.g. a name too long for the file system
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            shown = repr(rel) if len(rel) <= PATH_SHOWN else f"{rel[:PATH_SHOWN]!r}... ({len(rel)} characters)"
+            raise self.error(line, "image", f"invalid path {shown} ({reason.lower()})") from None
         if path not in self._checked:
             problem = None
-            if not path.is_file():
+            if not exists:
                 problem = f"image file not found: {path}"
             elif self.verify_images:
                 try:

@@ -114,7 +114,18 @@ _JSON = re.compile(r"\{[^{}]*\}")
 
 
 def parse_score(text: str, low: float = 1.0, high: float = 10.0) -> float | None:
-    """The score in a judge's reply, or None when there is no unambiguous one in [low, high].
+    """The score in a judge's reply, or None when there is no unambiguous one in [low, high]."""
+    return read_score(text, low, high)[0]
+
+
+def score_error(text: str, problem: str) -> str:
+    """The failed judgement's reason: what was wrong with the reply, and the reply (shortened)."""
+    return f"{problem}: {text[:200]!r}"
+
+
+def read_score(text: str, low: float = 1.0, high: float = 10.0) -> tuple[float | None, str | None]:
+    """(score, None) for a reply with an unambiguous score in [low, high], else (None, why not):
+    "no score in the judge's reply" or "score 15 is out of the rubric's range 1-10".
 
     Accepted, in order of trust: "[[7]]", a JSON object with "score"/"rating", the last
     "Score: 7" / "rating 7", the last "7/10" / "7 out of 10", a reply that is just a number.
@@ -145,9 +156,10 @@ def parse_score(text: str, low: float = 1.0, high: float = 10.0) -> float | None
         except ValueError:
             continue
         if low <= score <= high:
-            return score
-        return None  # the most trusted form is out of range: malformed, not a fallback to another
-    return None
+            return score, None
+        # the most trusted form is out of range: malformed, not a fallback to another
+        return None, f"score {value} is out of the rubric's range {low:g}-{high:g}"
+    return None, "no score in the judge's reply"
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -181,7 +193,38 @@ def _classifier(arg: str, **options):
 JUDGES = {"openai": _openai, "local": _local, "classifier": _classifier}
 
 
+JUDGE_CLASSES = {"openai": ("eval.judges.openai", "OpenAIJudge"), "local": ("eval.judges.local", "LocalJudge"),
+                 "classifier": ("eval.judges.classifier", "ClassifierJudge")}
+
+
+def check_options(kind: str, options: dict) -> dict:
+    """`options` checked against the judge class's constructor: an unknown name or a value of the
+    wrong type is a JudgeError naming the option and what it takes (values coerced as config values)."""
+    import importlib
+    import inspect
+    import typing
+
+    from safety_modules.configio import ConfigError, coerce
+
+    module, name = JUDGE_CLASSES[kind]
+    cls = getattr(importlib.import_module(module), name)
+    params = {n: p for n, p in inspect.signature(cls.__init__).parameters.items()
+              if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty}
+    hints = typing.get_type_hints(cls.__init__)
+    checked = {}
+    for key, value in options.items():
+        if key not in params:
+            raise JudgeError(f"judge option {key!r}: not an option of {kind} judges (options: {', '.join(sorted(params))})")
+        try:
+            checked[key] = coerce(value, hints.get(key, typing.Any), key) if isinstance(value, (str, int, float, bool, list)) \
+                else value
+        except ConfigError as exc:
+            raise JudgeError(f"judge option {exc}") from None
+    return checked
+
+
 def build_judge(spec: str, **options) -> Judge:
-    """The judge a SPEC names; `options` go to its constructor (e.g. cache=..., max_workers=...)."""
+    """The judge a SPEC names; `options` go to its constructor (e.g. cache=..., max_workers=...),
+    checked first by name and type."""
     kind, arg = parse_spec(spec)
-    return JUDGES[kind](arg, **options)
+    return JUDGES[kind](arg, **check_options(kind, options))

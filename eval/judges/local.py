@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from eval.cache import Cache, content_key
-from eval.judges import RUBRIC_VERSION, JudgeError, JudgeRequest, Judgement, parse_score, rubric_prompt
+from eval.judges import RUBRIC_VERSION, JudgeError, JudgeRequest, Judgement, read_score, rubric_prompt, score_error
 
 
 class LocalJudge:
@@ -32,7 +32,11 @@ class LocalJudge:
         if mode not in ("generate", "logits"):
             raise JudgeError(f"judge local: mode must be 'generate' or 'logits', got {mode!r}")
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True, dtype=dtype).to(device)
+        if not any(self.path.glob("*.safetensors")):
+            raise JudgeError(f"judge local: {self.path} holds no .safetensors weights (pickled weights are never "
+                             "read: use_safetensors=True)")
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True, dtype=dtype,
+                                                          use_safetensors=True).to(device)
         self.model.eval()
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -87,9 +91,8 @@ class LocalJudge:
         texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         results = []
         for text in texts:
-            score = parse_score(text)
-            results.append(Judgement(score=score, raw=text,
-                                     error=None if score is not None else f"no score in the judge's reply: {text[:200]!r}"))
+            score, problem = read_score(text)
+            results.append(Judgement(score=score, raw=text, error=None if score is not None else score_error(text, problem)))
         return results
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgement]:
@@ -97,7 +100,7 @@ class LocalJudge:
         results: list[Judgement | None] = [None] * len(prompts)
         todo = []
         for i, prompt in enumerate(prompts):
-            hit = self.cache.get(self._key(prompt)) if self.cache is not None else None
+            hit = self.cache.get(self._key(prompt), require=("score", "raw")) if self.cache is not None else None
             if hit is not None:
                 results[i] = Judgement(score=hit["score"], raw=hit["raw"], cached=True)
             else:

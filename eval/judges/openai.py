@@ -5,10 +5,16 @@ What it takes care of, since a paid API is involved:
 - the key comes from OPENAI_API_KEY (or the constructor) and is only ever put in the Authorization
   header: it is never logged, cached, or part of an error message (server text is redacted too);
 - retries with exponential backoff on 408/409/429/5xx, timeouts and connection errors, honouring a
-  Retry-After header; other 4xx fail at once;
+  Retry-After header up to `max_retry_after` seconds (a longer one fails the judgement at once,
+  saying how long the server asked for) and up to `patience` seconds of waiting per judgement in
+  all; a long wait is logged as a warning with its length, never slept silently; other 4xx fail
+  at once;
+- a base URL carrying credentials (user:password@, or a key in the query) is refused: the key
+  travels in the Authorization header only;
 - a rate limit (requests per minute) shared by the worker threads, and a thread pool for concurrency;
 - a judgement cache (successful judgements only) so a rerun never pays twice;
-- a reply without a score is a failed judgement, reported as such.
+- a reply without a score, or with a score outside the rubric's range, is a failed judgement,
+  reported as such (saying which).
 """
 
 from __future__ import annotations
@@ -31,12 +37,14 @@ from pathlib import Path
 from typing import Sequence
 
 from eval.cache import Cache, content_key, file_hash
-from eval.judges import RUBRIC_VERSION, JudgeError, JudgeRequest, Judgement, parse_score, rubric_prompt
+from eval.judges import RUBRIC_VERSION, JudgeError, JudgeRequest, Judgement, read_score, rubric_prompt, score_error
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUSES = {408, 409, 429, 500, 502, 503, 504}
+LONG_WAIT_S = 10.0           # waits at least this long are logged as warnings
+SECRET_QUERY_WORDS = ("key", "token", "secret", "password", "auth", "sig")
 
 
 class RateLimiter:
@@ -74,6 +82,24 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def check_base_url(url: str) -> str:
+    """`url` without a trailing slash; a JudgeError (which never repeats the URL's secret) when it
+    carries credentials or is not http(s)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise JudgeError(f"judge openai: base URL {_public_url(url)!r} is not an http(s) URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise JudgeError(f"judge openai: the base URL {_public_url(url)!r} carries credentials (user:password@); "
+                         "remove them and put the key in OPENAI_API_KEY, which only ever travels in the "
+                         "Authorization header")
+    names = [k for k, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+    secret = [k for k in names if any(word in k.lower() for word in SECRET_QUERY_WORDS)]
+    if secret:
+        raise JudgeError(f"judge openai: the base URL {_public_url(url)!r} carries a credential in its query "
+                         f"({secret[0]}=...); remove it and put the key in OPENAI_API_KEY")
+    return url.rstrip("/")
+
+
 def _public_url(url: str) -> str:
     """The URL without user info or query string (never part of a cache key or log otherwise)."""
     parts = urllib.parse.urlsplit(url)
@@ -89,15 +115,15 @@ class OpenAIJudge:
     def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
                  cache: Cache | None = None, max_workers: int = 4, requests_per_minute: float = 60.0,
                  max_retries: int = 5, timeout: float = 60.0, backoff: float = 1.0, max_backoff: float = 60.0,
-                 max_retry_after: float = 300.0, send_images: bool = True, temperature: float = 0.0,
-                 max_tokens: int = 256, score_retries: int = 1) -> None:
+                 max_retry_after: float = 300.0, patience: float = 900.0, send_images: bool = True,
+                 temperature: float = 0.0, max_tokens: int = 256, score_retries: int = 1) -> None:
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         if not key:
             raise JudgeError("judge openai: OPENAI_API_KEY is not set (the key is read from the environment "
                              "and never written anywhere)")
         self.__key = key
         self.model = model
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.base_url = check_base_url(base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL)
         self.name = f"openai:{model}"
         self.cache = cache
         self.max_workers = max(1, int(max_workers))
@@ -107,6 +133,10 @@ class OpenAIJudge:
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
         self.max_retry_after = float(max_retry_after)
+        self.patience = float(patience)
+        for name in ("timeout", "backoff", "max_backoff", "max_retry_after", "patience"):
+            if not getattr(self, name) >= 0:
+                raise JudgeError(f"judge option {name!r}: must be >= 0, got {getattr(self, name)}")
         self.send_images = bool(send_images)
         self.temperature = float(temperature)
         self.max_tokens = int(max_tokens)
@@ -155,15 +185,26 @@ class OpenAIJudge:
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
-            return min(retry_after, self.max_retry_after)
+            return retry_after
         base = min(self.max_backoff, self.backoff * (2 ** attempt))
         return base + random.uniform(0, 0.1 * base)
+
+    def _too_long(self, delay: float, retry_after: float | None, waited: float) -> str | None:
+        """Why waiting `delay` more seconds is refused (None: wait)."""
+        if retry_after is not None and retry_after > self.max_retry_after:
+            return (f"the server asked to retry after {retry_after:.0f} s, over max_retry_after="
+                    f"{self.max_retry_after:g} s; not waiting (raise max_retry_after to wait that long)")
+        if waited + delay > self.patience:
+            return (f"waiting {delay:.0f} s more would exceed patience={self.patience:g} s for one judgement "
+                    f"(already waited {waited:.0f} s); giving up")
+        return None
 
     def _complete(self, request: JudgeRequest) -> tuple[str | None, str | None]:
         """(reply text, None) or (None, reason) after retries."""
         payload = {"model": self.model, "messages": self._messages(request),
                    "temperature": self.temperature, "max_tokens": self.max_tokens}
         last = "no attempt made"
+        waited = 0.0
         for attempt in range(self.max_retries + 1):
             self.limiter.wait()
             retry_after = None
@@ -186,9 +227,16 @@ class OpenAIJudge:
                     return None, f"HTTP {status} (not retried): {self._redact(body)[:200]}"
             if attempt < self.max_retries:
                 delay = self._delay(attempt, retry_after)
-                logger.info("judge %s: attempt %d failed (%s); retrying in %.2fs", self.model, attempt + 1,
-                            last.split(":")[0], delay)
+                refused = self._too_long(delay, retry_after, waited)
+                if refused is not None:
+                    logger.warning("judge %s: %s: %s", self.model, last.split(":")[0], refused)
+                    return None, f"{last}; {refused}"
+                level = logging.WARNING if delay >= LONG_WAIT_S else logging.INFO
+                logger.log(level, "judge %s: attempt %d failed (%s); waiting %.2f s before retrying%s", self.model,
+                           attempt + 1, last.split(":")[0], delay,
+                           " (the server's Retry-After)" if retry_after is not None else "")
                 time.sleep(delay)
+                waited += delay
         return None, f"gave up after {self.max_retries + 1} attempts: {last}"
 
     @staticmethod
@@ -207,7 +255,7 @@ class OpenAIJudge:
     def _judge_one(self, request: JudgeRequest) -> Judgement:
         key = self.cache_key(request)
         if self.cache is not None:
-            hit = self.cache.get(key)
+            hit = self.cache.get(key, require=("score", "raw"))
             if hit is not None:
                 return Judgement(score=hit["score"], raw=hit["raw"], cached=True)
         error = "no reply"
@@ -215,12 +263,12 @@ class OpenAIJudge:
             text, error_or_none = self._complete(request)
             if text is None:
                 return Judgement(score=None, error=error_or_none)
-            score = parse_score(text)
+            score, problem = read_score(text)
             if score is not None:
                 if self.cache is not None:
                     self.cache.put(key, {"score": score, "raw": text})
                 return Judgement(score=score, raw=text)
-            error = f"no score in the judge's reply: {self._redact(text)[:200]!r}"
+            error = score_error(self._redact(text), problem)
         return Judgement(score=None, error=error, raw=self._redact(text or ""))
 
     def judge(self, requests: Sequence[JudgeRequest]) -> list[Judgement]:

@@ -122,7 +122,7 @@ def _config(args: argparse.Namespace):
 
 def _judge_options(items: list[str]) -> dict:
     from safety_modules.configio import parse_overrides
-    return parse_overrides(items)
+    return parse_overrides(items, what="--judge-option")
 
 
 def run(args: argparse.Namespace) -> int:

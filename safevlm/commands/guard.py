@@ -14,6 +14,8 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", help="safety adapter folder (without one, untrained modules: a warning)")
     p.add_argument("--prompt", help="question the head reads (default: the protocol's first safety question)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--strict-base", action="store_true",
+                   help="refuse an adapter whose base had other weights (default: a warning)")
     p.set_defaults(func=run)
 
 
@@ -25,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     images = [load_image(path) for path in args.images]
     model, processor = load_base(args.model)
     if args.adapter:
-        safe_model = load_adapter(model, args.adapter, processor)
+        safe_model = load_adapter(model, args.adapter, processor, strict_base=args.strict_base)
     else:
         print("warning: no --adapter given: the safety modules are untrained, verdicts are meaningless",
               file=sys.stderr)

@@ -32,4 +32,4 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_ppo_config(args.config, args.overrides)
-    return run_training("ppo", lambda: run_ppo(cfg, resume=args.resume))
+    return run_training("ppo", lambda: run_ppo(cfg, resume=args.resume), run_dir=cfg.run_dir)

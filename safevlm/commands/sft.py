@@ -56,5 +56,6 @@ def run_baseline(args: argparse.Namespace) -> int:
     run = getattr(module, func_name)
     if args.sweep:
         grid = parse_sweep(args.sweep)
-        return run_training(args.baseline, lambda: sweep(run, cfg, grid, module.SWEEP_METRICS, resume=args.resume))
-    return run_training(args.baseline, lambda: run(cfg, resume=args.resume))
+        return run_training(args.baseline, lambda: sweep(run, cfg, grid, module.SWEEP_METRICS, resume=args.resume),
+                            run_dir=cfg.run_dir)
+    return run_training(args.baseline, lambda: run(cfg, resume=args.resume), run_dir=cfg.run_dir)

@@ -39,4 +39,5 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_stage_config(args.stage, args.config, args.overrides)
     module, func = RECIPES[args.stage].split(":")
-    return run_training("train", lambda: getattr(importlib.import_module(module), func)(cfg, resume=args.resume))
+    return run_training("train", lambda: getattr(importlib.import_module(module), func)(cfg, resume=args.resume),
+                        run_dir=cfg.run_dir)

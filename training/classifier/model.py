@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from safety_modules.fileio import write_json_atomic
 from training.classifier.data import LABELS, PERCEPTION, TASK_LABELS, check_task, option_mentions
 
 logger = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class ResponseClassifier:
         save_file({k: v.detach().contiguous().cpu() for k, v in self.model.head.state_dict().items()},
                   str(directory / HEAD_NAME))
         self.tokenizer.save_pretrained(directory)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.meta.to_json(), indent=2) + "\n")
+        write_json_atomic(directory / CONFIG_NAME, self.meta.to_json())
         if not (directory / "model.safetensors").is_file() and not (directory / "model.safetensors.index.json").is_file():
             raise RuntimeError(f"{directory}: save_pretrained wrote no safetensors weights")
         return directory

@@ -6,7 +6,7 @@ Each recipe module is short: build the model, the records and the loss, hand the
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +14,7 @@ import torch
 
 from safety_modules.config import SafetyConfig
 from safety_modules.configio import to_dict
+from safety_modules.fileio import CorruptFileError, read_json, write_json_atomic
 from training.config import DataConfig
 from training.engine import Trainer, is_main
 from training.records import RecordSet, load_records
@@ -43,10 +44,10 @@ def load_training_records(data: DataConfig, safety: SafetyConfig, *, require_ans
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Rank 0 writes; JSON with a trailing newline."""
+    """Rank 0 writes, atomically; JSON with a trailing newline."""
     if is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, indent=2) + "\n")
+        write_json_atomic(path, obj)
 
 
 def save_run_config(run_dir: Path, cfg: Any) -> None:
@@ -57,7 +58,10 @@ def measured_before(run_dir: Path, resume: bool, measure: Callable[[], dict[str,
     """Metrics of the untrained model, kept in run_dir so a resumed run reports the true start."""
     path = Path(run_dir) / "before.json"
     if resume and path.is_file():
-        return json.loads(path.read_text())
+        try:
+            return read_json(path, "metrics of the untrained model")
+        except CorruptFileError as exc:     # measured again below: the model is still untrained here
+            logging.getLogger(__name__).warning("%s; measuring it again", exc)
     before = measure()
     write_json(path, before)
     return before

@@ -33,6 +33,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from safety_modules.fileio import write_json_atomic
 from training.world import texts
 from training.world.concepts import CATEGORIES, RISK_TYPES, Concept, select_concepts
 from training.world.render import assign_traits, category_traits, render
@@ -308,7 +309,7 @@ def build_world(
             "counts": counts,
             "concepts": [{**c.to_dict(), "images": concept_images[c.name], "stage0_images": stage0_images[c.name]}
                          for c in world]}
-    (out / "world.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_atomic(out / "world.json", meta, indent=1, ensure_ascii=False)
     return {"out": str(out), "source": source, "params": params, **counts,
             "seconds": round(time.perf_counter() - start, 2)}
 
