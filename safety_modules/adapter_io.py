@@ -21,6 +21,7 @@ from torch import nn
 from safety_modules.attach import SafetyVLM, attach
 from safety_modules.config import SafetyConfig
 from safety_modules.configio import ConfigError, from_dict, to_dict
+from safety_modules.families import family_for
 
 CONFIG_NAME = "safety_config.json"
 WEIGHTS_NAME = "safety_adapter.safetensors"
@@ -44,15 +45,16 @@ def framework_version() -> str:
 def fingerprint(model: nn.Module) -> dict[str, object]:
     """What an adapter must agree on with the base it is loaded onto."""
     config = model.config
+    family = family_for(config)
     return {
         "model_type": config.model_type,
-        "vision_hidden_size": config.vision_config.hidden_size,
-        "vision_image_size": config.vision_config.image_size,
-        "vision_patch_size": config.vision_config.patch_size,
-        "text_hidden_size": config.text_config.hidden_size,
+        "vision_hidden_size": family.vision_width(config),
+        "vision_image_size": getattr(config.vision_config, "image_size", None),  # None: dynamic resolution
+        "vision_patch_size": getattr(config.vision_config, "patch_size", None),
+        "text_hidden_size": family.text_width(config),
         "text_num_layers": config.text_config.num_hidden_layers,
         "vocab_size": config.text_config.vocab_size,
-        "image_token_id": config.image_token_id,
+        "image_token_id": family.image_token_id(config),
     }
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from safety_modules.attach import EncodedImages, SafetyVLM
+from safety_modules.attach import SafetyVLM
 from safety_modules.prompting import build_prompt
 
 DEFAULT_GUARD_PROMPT = "Is this image safe for viewing on social media?"
@@ -80,14 +80,6 @@ class GuardedResponse:
     prompt: str = field(default="", repr=False)
 
 
-def _select(images: EncodedImages, index: list[int]) -> EncodedImages:
-    from safety_modules.families import VisionFeatures
-    return EncodedImages(
-        vision=VisionFeatures(base=[images.vision.base[i] for i in index], patches=images.vision.patches[index]),
-        safety_features=images.safety_features[index],
-    )
-
-
 class SafetyGuard:
     """Verdicts (and guarded generation) for images, from an attached model and its processor."""
 
@@ -125,7 +117,7 @@ class SafetyGuard:
         """One verdict per image; no token is generated and the LLM does not run."""
         prompts = self._prompts(images, prompts)
         batch = self._encode(images, prompts)
-        encoded = self.model.encode_images(batch["pixel_values"], batch.get("image_sizes"))
+        encoded = self.model.encode_images(**self.model.image_inputs(batch))
         logits = self.model.head_logits(batch["input_ids"], batch["attention_mask"], encoded)
         return self._verdicts(*logits)
 
@@ -147,7 +139,7 @@ class SafetyGuard:
         """
         prompts = self._prompts(images, prompts)
         batch = self._encode(images, prompts)
-        encoded = self.model.encode_images(batch["pixel_values"], batch.get("image_sizes"))
+        encoded = self.model.encode_images(**self.model.image_inputs(batch))
         verdicts = self._verdicts(*self.model.head_logits(batch["input_ids"], batch["attention_mask"], encoded))
         responses: list[GuardedResponse | None] = [None] * len(images)
         to_generate = []
@@ -175,7 +167,7 @@ class SafetyGuard:
                 attention_mask = sub["attention_mask"].to(self.model.device)
             generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                      images=_select(encoded, to_generate), **generate_kwargs)
+                                      images=encoded.select(to_generate), **generate_kwargs)
             for row, i in enumerate(to_generate):
                 text = tok.decode(out[row], skip_special_tokens=True).strip()
                 responses[i] = GuardedResponse(text, verdicts[i], verdicts[i].action, prompts[i])

@@ -1,0 +1,170 @@
+"""Tiny random models of every supported non-LLaVA family, built offline from a config.
+
+Why: the per-family proofs (equivalence with the unchanged model, generation, training steps) must
+run on CPU in seconds without a download. Each builder makes the family's real model class, a
+byte-level BPE tokenizer trained locally (with the family's special tokens) and the family's real
+processor with a small chat template in the family's own format. Nothing in the model layer imports
+this module; `safety_modules.loading` builds `tiny-<family>` through it on demand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from safety_modules.tiny import build_tiny_tokenizer
+
+TEXT_HIDDEN = 64
+TEXT_LAYERS = 2
+TEXT_HEADS = 4
+TEXT_INTERMEDIATE = 128
+VISION_HIDDEN = 32
+VISION_LAYERS = 2
+VISION_HEADS = 2
+MAX_POSITIONS = 2048
+
+CHATML_ROLES = {"user": "user", "assistant": "assistant"}
+
+
+def chatml_template(image_markup: str) -> str:
+    """A ChatML conversation template (Qwen's format) whose image item is `image_markup`."""
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% for item in message['content'] %}"
+        "{% if item['type'] == 'image' %}" + image_markup + "{% elif item['type'] == 'text' %}{{ item['text'] }}"
+        "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def _text_sizes(tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The text-model fields every tiny family shares."""
+    return dict(
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=TEXT_INTERMEDIATE,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=TEXT_HEADS,
+        num_key_value_heads=TEXT_HEADS,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def without_video(processor_cls, **kwargs):
+    """`processor_cls(**kwargs)` with no video processor.
+
+    Why: transformers' video processors need torchvision, which this CPU environment lacks, and the
+    processor's class check cannot resolve their base class without it. The instance is built
+    through a subclass that lets that one argument be None, then given back its real class, so it
+    saves and reloads as the family's own processor.
+    """
+
+    class _ImageOnly(processor_cls):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument is None and "video" in argument_name:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    processor = _ImageOnly(**kwargs)
+    processor.__class__ = processor_cls
+    return processor
+
+
+def _finish(model, tokenizer: PreTrainedTokenizerFast):
+    """Generation defaults from the tokenizer, eval mode."""
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.eval()
+    return model
+
+
+# -- Qwen2-VL / Qwen2.5-VL -------------------------------------------------------------------------
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+QWEN_IMAGE_MARKUP = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_PATCH = 8
+QWEN_MERGE = 2
+QWEN_MIN_PIXELS = 32 * 32
+QWEN_MAX_PIXELS = 64 * 64
+# head_dim / 2 split over (temporal, height, width) rotary sections
+QWEN_MROPE_SECTION = [2, 3, 3]
+
+
+def _qwen_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tiny_tokenizer(special_tokens=QWEN_SPECIALS, image_token="<|image_pad|>", unk_token=None,
+                                bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def _qwen_ids(tokenizer: PreTrainedTokenizerFast) -> dict:
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+
+
+def _qwen_processor(tokenizer: PreTrainedTokenizerFast):
+    from transformers import Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
+        patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2,
+    )
+    return without_video(Qwen2VLProcessor, image_processor=image_processor, tokenizer=tokenizer,
+                         video_processor=None, chat_template=chatml_template(QWEN_IMAGE_MARKUP))
+
+
+def _qwen_text(tokenizer: PreTrainedTokenizerFast) -> dict:
+    return dict(**_text_sizes(tokenizer), rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                           "mrope_section": QWEN_MROPE_SECTION})
+
+
+def build_qwen2_vl(tokenizer: PreTrainedTokenizerFast):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    vision = dict(depth=VISION_LAYERS, embed_dim=VISION_HIDDEN, hidden_size=TEXT_HIDDEN, num_heads=VISION_HEADS,
+                  mlp_ratio=2, patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=2)
+    config = Qwen2VLConfig(text_config=_qwen_text(tokenizer), vision_config=vision, tie_word_embeddings=False,
+                           **_qwen_ids(tokenizer))
+    return Qwen2VLForConditionalGeneration(config), _qwen_processor(tokenizer)
+
+
+def build_qwen2_5_vl(tokenizer: PreTrainedTokenizerFast):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    # window of 2 x 2 merged patches, and one full-attention block: both attention paths run
+    vision = dict(depth=VISION_LAYERS, hidden_size=VISION_HIDDEN, out_hidden_size=TEXT_HIDDEN,
+                  intermediate_size=VISION_HIDDEN * 2, num_heads=VISION_HEADS, patch_size=QWEN_PATCH,
+                  spatial_merge_size=QWEN_MERGE, temporal_patch_size=2, window_size=QWEN_PATCH * QWEN_MERGE * 2,
+                  fullatt_block_indexes=[VISION_LAYERS - 1])
+    config = Qwen2_5_VLConfig(text_config=_qwen_text(tokenizer), vision_config=vision, tie_word_embeddings=False,
+                              **_qwen_ids(tokenizer))
+    return Qwen2_5_VLForConditionalGeneration(config), _qwen_processor(tokenizer)
+
+
+# family -> (tokenizer builder, model + processor builder)
+BUILDERS: dict[str, tuple[Callable[[], PreTrainedTokenizerFast], Callable]] = {
+    "qwen2_vl": (_qwen_tokenizer, build_qwen2_vl),
+    "qwen2_5_vl": (_qwen_tokenizer, build_qwen2_5_vl),
+}
+
+
+def tiny_families() -> list[str]:
+    """The families `build_tiny_family` can build."""
+    return sorted(BUILDERS)
+
+
+def build_tiny_family(family: str, seed: int = 0):
+    """A tiny (model, processor) pair of `family` (a model_type); the same seed gives the same weights."""
+    if family not in BUILDERS:
+        raise ValueError(f"build_tiny_family: no tiny builder for {family!r}; known: {tiny_families()}")
+    make_tokenizer, make_model = BUILDERS[family]
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    model, processor = make_model(tokenizer)
+    return _finish(model, tokenizer), processor
