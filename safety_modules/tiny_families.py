@@ -24,6 +24,9 @@ VISION_HIDDEN = 32
 VISION_LAYERS = 2
 VISION_HEADS = 2
 MAX_POSITIONS = 2048
+# Weight scale of the tiny text models: large enough that logits span a real model's range (tens,
+# not tenths), so that a wrong position or mask shows as a large difference, not a rounding one.
+TEXT_INIT_STD = 0.2
 
 CHATML_ROLES = {"user": "user", "assistant": "assistant"}
 
@@ -52,6 +55,7 @@ def _text_sizes(tokenizer: PreTrainedTokenizerFast) -> dict:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=TEXT_INIT_STD,
     )
 
 
