@@ -151,10 +151,52 @@ def build_qwen2_5_vl(tokenizer: PreTrainedTokenizerFast):
     return Qwen2_5_VLForConditionalGeneration(config), _qwen_processor(tokenizer)
 
 
+# -- LLaVA-OneVision ------------------------------------------------------------------------------
+ONEVISION_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+TOWER_IMAGE = 32          # fixed-resolution towers: 32 x 32 pixels in 8 x 8 patches
+TOWER_PATCH = 8
+
+
+def _chatml_tokenizer(specials: list[str], image_token: str) -> PreTrainedTokenizerFast:
+    return build_tiny_tokenizer(special_tokens=specials, image_token=image_token, unk_token=None, bos_token=None,
+                                eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def _siglip(**overrides) -> dict:
+    return dict(model_type="siglip_vision_model", hidden_size=VISION_HIDDEN, intermediate_size=VISION_HIDDEN * 2,
+                num_hidden_layers=VISION_LAYERS, num_attention_heads=VISION_HEADS, image_size=TOWER_IMAGE,
+                patch_size=TOWER_PATCH, **overrides)
+
+
+def build_llava_onevision(tokenizer: PreTrainedTokenizerFast):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    side = TOWER_IMAGE
+    pinpoints = [[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+    ids = tokenizer.convert_tokens_to_ids
+    config = LlavaOnevisionConfig(
+        vision_config=_siglip(), text_config={"model_type": "qwen2", **_text_sizes(tokenizer)},
+        image_token_id=ids("<image>"), video_token_id=ids("<video>"), image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=False,
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
+                                                      image_grid_pinpoints=pinpoints)
+    processor = without_video(
+        LlavaOnevisionProcessor, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+        num_image_tokens=(side // TOWER_PATCH) ** 2, vision_feature_select_strategy="full",
+        chat_template=chatml_template("<image>\n"),
+    )
+    return LlavaOnevisionForConditionalGeneration(config), processor
+
+
 # family -> (tokenizer builder, model + processor builder)
 BUILDERS: dict[str, tuple[Callable[[], PreTrainedTokenizerFast], Callable]] = {
     "qwen2_vl": (_qwen_tokenizer, build_qwen2_vl),
     "qwen2_5_vl": (_qwen_tokenizer, build_qwen2_5_vl),
+    "llava_onevision": (lambda: _chatml_tokenizer(ONEVISION_SPECIALS, "<image>"), build_llava_onevision),
 }
 
 

@@ -1,6 +1,6 @@
 """Family adapters; importing this package registers the built-in ones."""
 
-from safety_modules.families import llava, llava_next, qwen2_vl  # noqa: F401  (registration side effect)
+from safety_modules.families import llava, llava_next, llava_onevision, qwen2_vl  # noqa: F401  (registration)
 from safety_modules.families.base import (
     TOKEN_TYPE_NAMES,
     FamilyAdapter,

@@ -25,8 +25,8 @@ class LlavaNextAdapter(LlavaAdapter):
         if image_sizes is None:
             raise ValueError(f"{model.config.model_type} needs `image_sizes` (the processor returns them) to lay "
                              "out its crops")
-        out = model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes,
-                                       output_hidden_states=True, return_dict=True)
+        out = model.get_image_features(pixel_values=pixel_values, output_hidden_states=True, return_dict=True,
+                                       **image_inputs)
         config = model.config
         crops = [
             image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
