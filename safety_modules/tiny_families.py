@@ -192,11 +192,65 @@ def build_llava_onevision(tokenizer: PreTrainedTokenizerFast):
     return LlavaOnevisionForConditionalGeneration(config), processor
 
 
+# -- Mistral 3 (Pixtral tower) -----------------------------------------------------------------------
+MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST]"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}[IMG]"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}[/INST]"
+    "{% else %}{% for item in message['content'] %}{{ item['text'] }}{% endfor %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+PIXTRAL_MAX_EDGE = 64
+
+
+def _pixtral_processor_class():
+    """`PixtralProcessor`, importable without torchvision.
+
+    Why: transformers' pixtral processing module imports its torchvision image processor for one
+    helper (`get_resize_output_image_size`, used only to count tokens ahead of time); the PIL
+    backend defines the same helper. Without torchvision that module is registered in its place.
+    """
+    import importlib.util
+    import sys
+    import types
+
+    name = "transformers.models.pixtral.image_processing_pixtral"
+    if importlib.util.find_spec("torchvision") is None and name not in sys.modules:
+        from transformers.models.pixtral import image_processing_pil_pixtral
+
+        shim = types.ModuleType(name)
+        shim.get_resize_output_image_size = image_processing_pil_pixtral.get_resize_output_image_size
+        sys.modules[name] = shim
+    from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+
+    return PixtralProcessor
+
+
+def build_mistral3(tokenizer: PreTrainedTokenizerFast):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    PixtralProcessor = _pixtral_processor_class()
+    vision = dict(model_type="pixtral", hidden_size=VISION_HIDDEN, intermediate_size=VISION_HIDDEN * 2,
+                  num_hidden_layers=VISION_LAYERS, num_attention_heads=VISION_HEADS, image_size=PIXTRAL_MAX_EDGE,
+                  patch_size=TOWER_PATCH, head_dim=VISION_HIDDEN // VISION_HEADS)
+    text = {"model_type": "mistral", **_text_sizes(tokenizer), "head_dim": TEXT_HIDDEN // TEXT_HEADS}
+    config = Mistral3Config(vision_config=vision, text_config=text, spatial_merge_size=2, vision_feature_layer=-1,
+                            image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), tie_word_embeddings=False)
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": PIXTRAL_MAX_EDGE},
+                                               patch_size={"height": TOWER_PATCH, "width": TOWER_PATCH})
+    processor = PixtralProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=TOWER_PATCH,
+                                 spatial_merge_size=2, chat_template=MISTRAL_TEMPLATE)
+    return Mistral3ForConditionalGeneration(config), processor
+
+
 # family -> (tokenizer builder, model + processor builder)
 BUILDERS: dict[str, tuple[Callable[[], PreTrainedTokenizerFast], Callable]] = {
     "qwen2_vl": (_qwen_tokenizer, build_qwen2_vl),
     "qwen2_5_vl": (_qwen_tokenizer, build_qwen2_5_vl),
     "llava_onevision": (lambda: _chatml_tokenizer(ONEVISION_SPECIALS, "<image>"), build_llava_onevision),
+    "mistral3": (lambda: build_tiny_tokenizer(special_tokens=MISTRAL_SPECIALS, image_token="[IMG]"), build_mistral3),
 }
 
 

@@ -1,6 +1,12 @@
 """Family adapters; importing this package registers the built-in ones."""
 
-from safety_modules.families import llava, llava_next, llava_onevision, qwen2_vl  # noqa: F401  (registration)
+from safety_modules.families import (  # noqa: F401  (registration side effect)
+    llava,
+    llava_next,
+    llava_onevision,
+    mistral3,
+    qwen2_vl,
+)
 from safety_modules.families.base import (
     TOKEN_TYPE_NAMES,
     FamilyAdapter,
