@@ -123,7 +123,11 @@ class SafetyVLM(nn.Module):
     def image_inputs(self, batch: dict) -> dict:
         """`pixel_values` and the family's extra image inputs (by name) out of a processor batch."""
         names = ("pixel_values",) + self.family.image_input_names
-        return {name: batch[name] for name in names if batch.get(name) is not None}
+        inputs = {name: batch[name] for name in names if batch.get(name) is not None}
+        if "pixel_values" in inputs and "input_ids" in batch:
+            inputs = {**self.family.image_inputs_from_ids(self.config, batch["input_ids"],
+                                                          self.safety_config.num_safety_tokens), **inputs}
+        return inputs
 
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None,
                       **image_inputs: torch.Tensor) -> EncodedImages:
@@ -245,7 +249,8 @@ class SafetyVLM(nn.Module):
         """
         image_inputs = self._split_inputs(image_sizes, llm_kwargs)
         if images is None and pixel_values is not None:
-            images = self.encode_images(pixel_values, **image_inputs)
+            batch = {"input_ids": input_ids, "pixel_values": pixel_values, **image_inputs}
+            images = self.encode_images(**self.image_inputs(batch))
         out = SafetyOutput()
         if run_head:
             if prompt_mask is None and labels is not None:
@@ -280,7 +285,8 @@ class SafetyVLM(nn.Module):
         """
         image_inputs = self._split_inputs(image_sizes, generate_kwargs)
         if images is None and pixel_values is not None:
-            images = self.encode_images(pixel_values, **image_inputs)
+            batch = {"input_ids": input_ids, "pixel_values": pixel_values, **image_inputs}
+            images = self.encode_images(**self.image_inputs(batch))
         inputs = self.llm_inputs(input_ids, attention_mask, images)
         image_token = self.family.image_token_id(self.config)
         suppressed = list(generate_kwargs.pop("suppress_tokens", None) or [])

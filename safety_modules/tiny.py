@@ -56,11 +56,13 @@ DEFAULT_SIZES: dict[str, int] = {
 
 
 def build_tiny_tokenizer(vocab_size: int = DEFAULT_SIZES["vocab_size"], special_tokens: list[str] | None = None,
-                         image_token: str = "<image>", **named_tokens: str) -> PreTrainedTokenizerFast:
+                         image_token: str = "<image>", extra_named: dict[str, str] | None = None,
+                         **named_tokens: str) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on the embedded corpus (deterministic, offline).
 
     `special_tokens` (default: LLaVA's) are added whole; `named_tokens` (e.g. `eos_token="<|im_end|>"`)
-    override the LLaVA defaults for the tokenizer's named roles.
+    override the LLaVA defaults for the tokenizer's named roles; `extra_named` names more of them as
+    attributes (`tokenizer.image_token`, `tokenizer.boi_token`, ...), as families' processors expect.
     """
     special_tokens = list(special_tokens or SPECIAL_TOKENS)
     roles = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", **named_tokens}
@@ -76,7 +78,7 @@ def build_tiny_tokenizer(vocab_size: int = DEFAULT_SIZES["vocab_size"], special_
     tok.train_from_iterator(corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        extra_special_tokens={"image_token": image_token},
+        extra_special_tokens={"image_token": image_token, **(extra_named or {})},
         padding_side="left",
         **roles,
     )

@@ -157,9 +157,9 @@ TOWER_IMAGE = 32          # fixed-resolution towers: 32 x 32 pixels in 8 x 8 pat
 TOWER_PATCH = 8
 
 
-def _chatml_tokenizer(specials: list[str], image_token: str) -> PreTrainedTokenizerFast:
-    return build_tiny_tokenizer(special_tokens=specials, image_token=image_token, unk_token=None, bos_token=None,
-                                eos_token="<|im_end|>", pad_token="<|endoftext|>")
+def _chatml_tokenizer(specials: list[str], image_token: str, **extra_named: str) -> PreTrainedTokenizerFast:
+    return build_tiny_tokenizer(special_tokens=specials, image_token=image_token, extra_named=extra_named,
+                                unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
 def _siglip(**overrides) -> dict:
@@ -245,11 +245,45 @@ def build_mistral3(tokenizer: PreTrainedTokenizerFast):
     return Mistral3ForConditionalGeneration(config), processor
 
 
+# -- InternVL ----------------------------------------------------------------------------------------
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
+                   "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+INTERNVL_MAX_TILES = 4
+INTERNVL_DOWNSAMPLE = 0.5
+
+
+def _internvl_tokenizer() -> PreTrainedTokenizerFast:
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *INTERNVL_TOKENS.values()]
+    return _chatml_tokenizer(specials, "<IMG_CONTEXT>", **INTERNVL_TOKENS)
+
+
+def build_internvl(tokenizer: PreTrainedTokenizerFast):
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    side = TOWER_IMAGE
+    vision = dict(model_type="internvl_vision", hidden_size=VISION_HIDDEN, intermediate_size=VISION_HIDDEN * 2,
+                  num_hidden_layers=VISION_LAYERS, num_attention_heads=VISION_HEADS, image_size=[side, side],
+                  patch_size=[TOWER_PATCH, TOWER_PATCH])
+    per_tile = round((side // TOWER_PATCH) ** 2 * INTERNVL_DOWNSAMPLE ** 2)
+    config = InternVLConfig(vision_config=vision, text_config={"model_type": "qwen2", **_text_sizes(tokenizer)},
+                            image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=per_tile,
+                            downsample_ratio=INTERNVL_DOWNSAMPLE, vision_feature_layer=-1,
+                            vision_feature_select_strategy="default", tie_word_embeddings=False)
+    image_processor = GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=True,
+                                               min_patches=1, max_patches=INTERNVL_MAX_TILES)
+    processor = without_video(InternVLProcessor, image_processor=image_processor, tokenizer=tokenizer,
+                              video_processor=None, image_seq_length=per_tile,
+                              chat_template=chatml_template("<IMG_CONTEXT>\n"))
+    return InternVLForConditionalGeneration(config), processor
+
+
 # family -> (tokenizer builder, model + processor builder)
 BUILDERS: dict[str, tuple[Callable[[], PreTrainedTokenizerFast], Callable]] = {
     "qwen2_vl": (_qwen_tokenizer, build_qwen2_vl),
     "qwen2_5_vl": (_qwen_tokenizer, build_qwen2_5_vl),
     "llava_onevision": (lambda: _chatml_tokenizer(ONEVISION_SPECIALS, "<image>"), build_llava_onevision),
+    "internvl": (_internvl_tokenizer, build_internvl),
     "mistral3": (lambda: build_tiny_tokenizer(special_tokens=MISTRAL_SPECIALS, image_token="[IMG]"), build_mistral3),
 }
 

@@ -5,6 +5,7 @@ surface (`get_image_features`, `get_input_embeddings`, `inputs_embeds`), so a fa
 in a few hooks, and this adapter is the only place that knows a family:
 - `image_input_names`: the processor outputs besides `pixel_values` that describe the images
   (`image_grid_thw`, `image_sizes`, ...); collator, guard, rollouts and evaluation carry them by name.
+  `image_inputs_from_ids` adds what a processor does not return but the sequence shows.
 - `image_features`: the model's own features per image, and patch features on a fixed grid for
   the safety projector (dynamic-resolution towers are resampled to `patch_grid`).
 - `llm_inputs`: the extra model inputs computed from the sequence (M-RoPE position ids, token
@@ -88,6 +89,10 @@ class FamilyAdapter:
                        feature_layer: int) -> VisionFeatures:
         raise NotImplementedError
 
+    def image_inputs_from_ids(self, config, input_ids: torch.Tensor, num_safety_tokens: int) -> dict:
+        """Image inputs read off the placeholder layout, for what the processor does not return."""
+        return {}
+
     def _select_patches(self, hidden: torch.Tensor, config) -> torch.Tensor:
         """Drop the leading non-patch tokens (CLIP's CLS) by shape, whatever the tower."""
         extra = hidden.shape[1] - self.num_patches(config)
@@ -137,6 +142,20 @@ class FamilyAdapter:
         if token_id is None:
             token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         return token_id
+
+
+def placeholder_runs(input_ids: torch.Tensor, token_id: int) -> list[int]:
+    """Lengths of the runs of `token_id` in `input_ids`, row by row, in sequence order."""
+    runs: list[int] = []
+    for row in (input_ids == token_id).tolist():
+        length = 0
+        for is_token in row + [False]:
+            if is_token:
+                length += 1
+            elif length:
+                runs.append(length)
+                length = 0
+    return runs
 
 
 class _SlotsBeforeImage:
