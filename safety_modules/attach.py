@@ -288,6 +288,7 @@ class SafetyVLM(nn.Module):
             batch = {"input_ids": input_ids, "pixel_values": pixel_values, **image_inputs}
             images = self.encode_images(**self.image_inputs(batch))
         inputs = self.llm_inputs(input_ids, attention_mask, images)
+        self.family.prepare_generation(self.plain_model)
         image_token = self.family.image_token_id(self.config)
         suppressed = list(generate_kwargs.pop("suppress_tokens", None) or [])
         generate_kwargs["suppress_tokens"] = sorted(set(suppressed) | {int(image_token)})

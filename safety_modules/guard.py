@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from safety_modules.attach import SafetyVLM
-from safety_modules.prompting import build_prompt
+from safety_modules.prompting import build_prompt, encode_batch
 
 DEFAULT_GUARD_PROMPT = "Is this image safe for viewing on social media?"
 
@@ -96,7 +96,7 @@ class SafetyGuard:
         texts = [build_prompt(self.processor, p) for p in prompts]
         # Left padding for generation, asked per call: setting tokenizer.padding_side would change the
         # caller's processor too (reserve_safety_positions shares the tokenizer), e.g. a collator's.
-        batch = self.processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left")
+        batch = encode_batch(self.processor, images, texts, return_tensors="pt", padding=True, padding_side="left")
         device = self.model.device
         return {k: v.to(device) for k, v in batch.items()}
 
@@ -161,8 +161,8 @@ class SafetyGuard:
                     prefix = self.policy.fill(self.policy.instruction_template, v) if v.action == "instruct" else ""
                     texts.append(build_prompt(self.processor, prefix + prompts[i]))
                 # Only the text changes: tokenise it and reuse the image features computed above.
-                sub = self.processor(images=[images[i] for i in to_generate], text=texts, return_tensors="pt",
-                                     padding=True, padding_side="left")
+                sub = encode_batch(self.processor, [images[i] for i in to_generate], texts, return_tensors="pt",
+                                   padding=True, padding_side="left")
                 input_ids = sub["input_ids"].to(self.model.device)
                 attention_mask = sub["attention_mask"].to(self.model.device)
             generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)

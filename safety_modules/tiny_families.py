@@ -278,11 +278,55 @@ def build_internvl(tokenizer: PreTrainedTokenizerFast):
     return InternVLForConditionalGeneration(config), processor
 
 
+# -- Gemma 3 -------------------------------------------------------------------------------------------
+GEMMA_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", *GEMMA_TOKENS.values(),
+                  "<image_soft_token>"]
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+GEMMA_TOKENS_PER_IMAGE = 4   # SigLIP's 4 x 4 patches pooled to 2 x 2
+
+
+def _gemma_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tiny_tokenizer(special_tokens=GEMMA_SPECIALS, image_token="<image_soft_token>",
+                                extra_named=GEMMA_TOKENS, unk_token="<unk>", bos_token="<bos>",
+                                eos_token="<end_of_turn>", pad_token="<pad>")
+
+
+def _gemma_text(tokenizer: PreTrainedTokenizerFast) -> dict:
+    head_dim = TEXT_HIDDEN // TEXT_HEADS
+    return {**_text_sizes(tokenizer), "head_dim": head_dim, "query_pre_attn_scalar": head_dim,
+            "sliding_window": MAX_POSITIONS}
+
+
+def build_gemma3(tokenizer: PreTrainedTokenizerFast):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    ids = tokenizer.convert_tokens_to_ids
+    config = Gemma3Config(
+        text_config={"model_type": "gemma3_text", **_gemma_text(tokenizer)}, vision_config=_siglip(),
+        mm_tokens_per_image=GEMMA_TOKENS_PER_IMAGE, boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"), tie_word_embeddings=False,
+        initializer_range=TEXT_INIT_STD,
+    )
+    image_processor = Gemma3ImageProcessorPil(size={"height": TOWER_IMAGE, "width": TOWER_IMAGE}, do_pan_and_scan=False)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=GEMMA_TEMPLATE,
+                                image_seq_length=GEMMA_TOKENS_PER_IMAGE)
+    return Gemma3ForConditionalGeneration(config), processor
+
+
 # family -> (tokenizer builder, model + processor builder)
 BUILDERS: dict[str, tuple[Callable[[], PreTrainedTokenizerFast], Callable]] = {
     "qwen2_vl": (_qwen_tokenizer, build_qwen2_vl),
     "qwen2_5_vl": (_qwen_tokenizer, build_qwen2_5_vl),
     "llava_onevision": (lambda: _chatml_tokenizer(ONEVISION_SPECIALS, "<image>"), build_llava_onevision),
+    "gemma3": (_gemma_tokenizer, build_gemma3),
     "internvl": (_internvl_tokenizer, build_internvl),
     "mistral3": (lambda: build_tiny_tokenizer(special_tokens=MISTRAL_SPECIALS, image_token="[IMG]"), build_mistral3),
 }

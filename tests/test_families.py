@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from safety_modules import SafetyConfig, SafetyGuard, attach, build_prompt
+from safety_modules.prompting import encode_batch
 from safety_modules.families import TOKEN_TYPE_NAMES
 from safety_modules.tiny_families import build_tiny_family, tiny_families
 from training.collator import IGNORE_INDEX, TrainingCollator
@@ -27,8 +28,9 @@ SAFETY_TOKEN_STD = 1.0   # safety tokens far from any text embedding, so that th
 NEW_TOKENS = 8
 QUESTIONS = ["Describe it.", "Is this picture of a street safe to share with other people online?", "What is shown?"]
 SIZES = [(32, 32), (48, 32), (32, 64)]
-# The negative control: without the family's extra inputs the logits move by far more than this.
-CONTROL_MIN_DIFFERENCE = 1.0
+# The negative control: without the family's extra inputs the logits (spanning about +-7 on the tiny
+# models) move by more than this, five orders of magnitude above float rounding.
+CONTROL_MIN_DIFFERENCE = 0.5
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,8 +67,8 @@ def images(make_image):
 
 def encode(model, images, questions, padding_side="left") -> dict:
     texts = [build_prompt(model.processor, q) for q in questions]
-    return dict(model.processor(images=images, text=texts, return_tensors="pt", padding=True,
-                                padding_side=padding_side))
+    return dict(encode_batch(model.processor, images, texts, return_tensors="pt", padding=True,
+                             padding_side=padding_side))
 
 
 def greedy(generate, batch, **kwargs) -> torch.Tensor:
@@ -82,8 +84,9 @@ def ordinary_token_reference(model, batch):
     special = set(tokenizer.all_special_ids)
     carriers = [i for i in range(model.config.text_config.vocab_size) if i not in special][-k:]
     reference = copy.deepcopy(model.plain_model)
-    with torch.no_grad():
-        reference.get_input_embeddings().weight[carriers] = model.safety.llm_tokens
+    embedding = reference.get_input_embeddings()
+    with torch.no_grad():  # a scaled embedding (Gemma) multiplies rows by its scale: store them divided
+        embedding.weight[carriers] = model.safety.llm_tokens / getattr(embedding, "embed_scale", 1.0)
         images = model.encode_images(**model.image_inputs(batch))
     slots = model.slot_mask(batch["input_ids"], images)
     assert int(slots.sum()) == k * len(images.vision.base)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from red_blue import write_red_blue_world
 from safety_modules import AdapterError, SafetyConfig, attach, build_prompt, load_adapter, save_adapter
+from safety_modules.prompting import encode_batch
 from safety_modules.tiny_families import build_tiny_family, tiny_families
 from training.config import DataConfig, LoraSpec, ModelSpec, Stage1Config, Stage2Config, TrainConfig
 from training.recipes.stage1 import build_stage1_model, train_stage1
@@ -57,8 +58,8 @@ def trained(family: str, seed: int = 1):
 
 def inputs_for(model, make_image) -> dict[str, torch.Tensor]:
     texts = [build_prompt(model.processor, q) for q in QUESTIONS]
-    batch = model.processor(images=[make_image(1), make_image(2, (48, 32))], text=texts, return_tensors="pt",
-                            padding=True, padding_side="left")
+    batch = encode_batch(model.processor, [make_image(1), make_image(2, (48, 32))], texts, return_tensors="pt",
+                         padding=True, padding_side="left")
     return {k: v.contiguous() for k, v in batch.items()}
 
 

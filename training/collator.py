@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from safety_modules.images import MAX_IMAGE_PIXELS, load_image
-from safety_modules.prompting import build_prompt, response_suffix
+from safety_modules.prompting import build_prompt, encode_batch, response_suffix
 
 IGNORE_INDEX = -100
 # Processor outputs with one entry per token: cut together with input_ids under max_length.
@@ -57,8 +57,8 @@ class TrainingCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images = [load_image(row["image"], self.max_image_pixels) for row in rows]
         prompts, texts = zip(*(self.texts(row) for row in rows))
-        enc = dict(self.processor(images=images, text=list(texts), return_tensors="pt",
-                                  padding="longest", padding_side="right"))
+        enc = dict(encode_batch(self.processor, images, texts, return_tensors="pt", padding="longest",
+                                padding_side="right"))
         input_ids, attention_mask = enc.pop("input_ids"), enc["attention_mask"]
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         lengths = [self._prompt_length(input_ids[i], image, prompt, row)
@@ -80,7 +80,7 @@ class TrainingCollator:
 
     def _prompt_length(self, full: torch.Tensor, image, prompt: str, row: dict[str, Any]) -> int:
         """Tokens of the prompt with its image expanded; an error unless `full` starts with them."""
-        prompt_ids = self.processor(images=[image], text=[prompt])["input_ids"][0]
+        prompt_ids = encode_batch(self.processor, [image], [prompt])["input_ids"][0]
         prompt_ids = list(prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else prompt_ids)
         length = len(prompt_ids)
         if full[:length].tolist() != prompt_ids:

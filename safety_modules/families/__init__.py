@@ -1,6 +1,7 @@
 """Family adapters; importing this package registers the built-in ones."""
 
 from safety_modules.families import (  # noqa: F401  (registration side effect)
+    gemma3,
     internvl,
     llava,
     llava_next,

@@ -10,6 +10,7 @@ in a few hooks, and this adapter is the only place that knows a family:
   the safety projector (dynamic-resolution towers are resampled to `patch_grid`).
 - `llm_inputs`: the extra model inputs computed from the sequence (M-RoPE position ids, token
   types, the model's own encoder outputs), with the safety slots typed as text.
+- `prepare_generation`: what `generate(inputs_embeds=...)` needs that the model lacks.
 - `reserve`: how the processor lays out the safety slots: `k` placeholders in front of each image.
 
 Layout contract: for every family, the image-token placeholders of a batch, read in sequence order,
@@ -118,6 +119,9 @@ class FamilyAdapter:
         are NOT among them: they are typed as text).
         """
         return {}
+
+    def prepare_generation(self, model: nn.Module) -> None:
+        """Make `model.generate(inputs_embeds=...)` possible, if the family needs it (in place, once)."""
 
     # -- the processor -------------------------------------------------------------------------
     def reserve(self, processor, num_safety_tokens: int):
