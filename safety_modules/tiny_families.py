@@ -321,12 +321,51 @@ def build_gemma3(tokenizer: PreTrainedTokenizerFast):
     return Gemma3ForConditionalGeneration(config), processor
 
 
+# -- Idefics3 / SmolVLM --------------------------------------------------------------------------------
+IDEFICS_GRID = 6  # the processor names row/column markers up to 6 x 6 tiles
+IDEFICS_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                    "<global-img>"] + [f"<row_{i + 1}_col_{j + 1}>" for i in range(IDEFICS_GRID)
+                                       for j in range(IDEFICS_GRID)]
+IDEFICS_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+IDEFICS_SCALE = 2
+IDEFICS_MAX_EDGE = 64     # images up to 64 px: up to 2 x 2 tiles of 32 px plus the global view
+
+
+def _idefics_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tiny_tokenizer(special_tokens=IDEFICS_SPECIALS, image_token="<image>", unk_token=None,
+                                bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|endoftext|>")
+
+
+def build_idefics3(tokenizer: PreTrainedTokenizerFast):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    vision = dict(model_type="idefics3_vision", hidden_size=VISION_HIDDEN, intermediate_size=VISION_HIDDEN * 2,
+                  num_hidden_layers=VISION_LAYERS, num_attention_heads=VISION_HEADS, image_size=TOWER_IMAGE,
+                  patch_size=TOWER_PATCH)
+    config = Idefics3Config(vision_config=vision, text_config={"model_type": "llama", **_text_sizes(tokenizer)},
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=IDEFICS_SCALE,
+                            tie_word_embeddings=False)
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": IDEFICS_MAX_EDGE},
+                                                max_image_size={"longest_edge": TOWER_IMAGE})
+    per_view = (TOWER_IMAGE // TOWER_PATCH) ** 2 // IDEFICS_SCALE ** 2
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=per_view,
+                                  chat_template=IDEFICS_TEMPLATE)
+    return Idefics3ForConditionalGeneration(config), processor
+
+
 # family -> (tokenizer builder, model + processor builder)
 BUILDERS: dict[str, tuple[Callable[[], PreTrainedTokenizerFast], Callable]] = {
     "qwen2_vl": (_qwen_tokenizer, build_qwen2_vl),
     "qwen2_5_vl": (_qwen_tokenizer, build_qwen2_5_vl),
     "llava_onevision": (lambda: _chatml_tokenizer(ONEVISION_SPECIALS, "<image>"), build_llava_onevision),
     "gemma3": (_gemma_tokenizer, build_gemma3),
+    "idefics3": (_idefics_tokenizer, build_idefics3),
     "internvl": (_internvl_tokenizer, build_internvl),
     "mistral3": (lambda: build_tiny_tokenizer(special_tokens=MISTRAL_SPECIALS, image_token="[IMG]"), build_mistral3),
 }

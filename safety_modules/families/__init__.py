@@ -2,6 +2,7 @@
 
 from safety_modules.families import (  # noqa: F401  (registration side effect)
     gemma3,
+    idefics3,
     internvl,
     llava,
     llava_next,
