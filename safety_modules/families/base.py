@@ -60,6 +60,7 @@ class FamilyAdapter:
 
     model_types: tuple[str, ...] = ()
     image_input_names: tuple[str, ...] = ()
+    llm_module_name = "language_model"   # the language model's module name (what a LoRA targets)
 
     # -- sizes ---------------------------------------------------------------------------------
     def vision_width(self, config) -> int:

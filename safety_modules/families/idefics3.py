@@ -19,6 +19,7 @@ PIXEL_MASK = "pixel_attention_mask"
 class Idefics3Adapter(FamilyAdapter):
     model_types = ("idefics3", "smolvlm")
     image_input_names = (PIXEL_MASK,)
+    llm_module_name = "text_model"
 
     def image_features(self, model: nn.Module, pixel_values: torch.Tensor, image_inputs: dict,
                        feature_layer: int) -> VisionFeatures:
