@@ -190,6 +190,11 @@ class SafetyVLM(nn.Module):
             return embeds
         self._check_slot_count(placeholders, images)
         tokens = self.safety.llm_tokens.to(embeds.dtype)
+        if not self.family.features_in_embeds:
+            # the model finds its image positions by the image token's embedding and fills them itself
+            slots = self.slot_mask(input_ids, images)
+            embeds = embed(input_ids.masked_fill(slots, 0))
+            return embeds.masked_scatter(slots.unsqueeze(-1), tokens.repeat(len(images.vision.base), 1))
         fill = torch.cat([torch.cat([tokens, feats.to(embeds.dtype)]) for feats in images.vision.base])
         return embeds.masked_scatter(placeholders.unsqueeze(-1), fill)
 

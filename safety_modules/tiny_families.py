@@ -111,7 +111,7 @@ def _qwen_ids(tokenizer: PreTrainedTokenizerFast) -> dict:
                 vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
 
 
-def _qwen_processor(tokenizer: PreTrainedTokenizerFast):
+def _qwen_processor(tokenizer: PreTrainedTokenizerFast, processor_cls=None):
     from transformers import Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -119,7 +119,7 @@ def _qwen_processor(tokenizer: PreTrainedTokenizerFast):
         size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
         patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2,
     )
-    return without_video(Qwen2VLProcessor, image_processor=image_processor, tokenizer=tokenizer,
+    return without_video(processor_cls or Qwen2VLProcessor, image_processor=image_processor, tokenizer=tokenizer,
                          video_processor=None, chat_template=chatml_template(QWEN_IMAGE_MARKUP))
 
 
@@ -149,6 +149,20 @@ def build_qwen2_5_vl(tokenizer: PreTrainedTokenizerFast):
     config = Qwen2_5_VLConfig(text_config=_qwen_text(tokenizer), vision_config=vision, tie_word_embeddings=False,
                               **_qwen_ids(tokenizer))
     return Qwen2_5_VLForConditionalGeneration(config), _qwen_processor(tokenizer)
+
+
+def build_qwen3_vl(tokenizer: PreTrainedTokenizerFast):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    grid_side = QWEN_MAX_PIXELS ** 0.5 // QWEN_PATCH  # learned position table: the largest image's grid
+    vision = dict(depth=VISION_LAYERS, hidden_size=VISION_HIDDEN, intermediate_size=VISION_HIDDEN * 2,
+                  num_heads=VISION_HEADS, patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=2,
+                  out_hidden_size=TEXT_HIDDEN, num_position_embeddings=int(grid_side) ** 2,
+                  deepstack_visual_indexes=[0])
+    text = {**_qwen_text(tokenizer), "head_dim": TEXT_HIDDEN // TEXT_HEADS}
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_ids(tokenizer))
+    return Qwen3VLForConditionalGeneration(config), _qwen_processor(tokenizer, Qwen3VLProcessor)
 
 
 # -- LLaVA-OneVision ------------------------------------------------------------------------------
@@ -363,6 +377,7 @@ def build_idefics3(tokenizer: PreTrainedTokenizerFast):
 BUILDERS: dict[str, tuple[Callable[[], PreTrainedTokenizerFast], Callable]] = {
     "qwen2_vl": (_qwen_tokenizer, build_qwen2_vl),
     "qwen2_5_vl": (_qwen_tokenizer, build_qwen2_5_vl),
+    "qwen3_vl": (_qwen_tokenizer, build_qwen3_vl),
     "llava_onevision": (lambda: _chatml_tokenizer(ONEVISION_SPECIALS, "<image>"), build_llava_onevision),
     "gemma3": (_gemma_tokenizer, build_gemma3),
     "idefics3": (_idefics_tokenizer, build_idefics3),

@@ -61,6 +61,9 @@ class FamilyAdapter:
     model_types: tuple[str, ...] = ()
     image_input_names: tuple[str, ...] = ()
     llm_module_name = "language_model"   # the language model's module name (what a LoRA targets)
+    # False: the model scatters its own image features (passed in `llm_inputs`) into the positions
+    # that carry the image token's embedding; the wrapper writes only the safety tokens.
+    features_in_embeds = True
 
     # -- sizes ---------------------------------------------------------------------------------
     def vision_width(self, config) -> int:

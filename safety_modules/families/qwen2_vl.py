@@ -15,6 +15,7 @@ from transformers.vision_utils import get_vision_window_index
 from safety_modules.families.base import DYNAMIC_PATCH_GRID, FamilyAdapter, VisionFeatures, register_family
 
 IMAGE_TYPE = 1  # `mm_token_type_ids` value of an image position (0 = text)
+DEEPSTACK = "deepstack_features"
 
 
 class Qwen2VLAdapter(FamilyAdapter):
@@ -48,8 +49,12 @@ class Qwen2VLAdapter(FamilyAdapter):
             grid = image_hidden.reshape(t, h // merge, w // merge, merge, merge, -1)
             grid = grid.permute(0, 1, 3, 2, 4, 5).reshape(t, h, w, -1).mean(0)
             patches.append(self._to_grid(grid, model.config))
-        return VisionFeatures(base=list(out.pooler_output), patches=torch.stack(patches),
-                              extras=[{"image_grid_thw": row} for row in grid_thw])
+        extras = [{"image_grid_thw": row, **self._image_extras(out, i)} for i, row in enumerate(grid_thw)]
+        return VisionFeatures(base=list(out.pooler_output), patches=torch.stack(patches), extras=extras)
+
+    def _image_extras(self, encoder_output, index: int) -> dict:
+        """What else of the encoder's output image `index` needs later (nothing, for Qwen2-VL)."""
+        return {}
 
     def llm_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    image_positions: torch.Tensor, vision: VisionFeatures | None) -> dict:
@@ -77,3 +82,38 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
 
 register_family(Qwen2VLAdapter())
 register_family(Qwen2_5_VLAdapter())
+
+
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """Qwen3-VL: Qwen2-VL's layout and M-RoPE, plus DeepStack.
+
+    Quirk: DeepStack adds the tower's intermediate features to the LLM's first layers at the image
+    positions, which cannot be passed as embeddings: the model receives its own encoder outputs
+    (`mm_encoder_outputs`) and finds the image positions by the image token's embedding, which the
+    feature positions keep; only the safety slots carry other vectors.
+    """
+
+    model_types = ("qwen3_vl",)
+    features_in_embeds = False
+
+    def vision_width(self, config) -> int:
+        return config.vision_config.hidden_size
+
+    def _image_extras(self, encoder_output, index: int) -> dict:
+        return {DEEPSTACK: [layer[index] for layer in encoder_output.deepstack_features]}
+
+    def llm_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   image_positions: torch.Tensor, vision: VisionFeatures | None) -> dict:
+        inputs = super().llm_inputs(model, input_ids, attention_mask, image_positions, vision)
+        if vision is not None:
+            from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+            layers = len(vision.extras[0][DEEPSTACK])
+            inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithDeepstackFeatures(
+                pooler_output=tuple(vision.base),
+                deepstack_features=[tuple(e[DEEPSTACK][layer] for e in vision.extras) for layer in range(layers)],
+            )}
+        return inputs
+
+
+register_family(Qwen3VLAdapter())
