@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from safety_modules.configio import ConfigError
-from safety_modules.prompting import build_prompt
+from safety_modules.prompting import build_prompt, encode_batch
 
 
 @dataclass
@@ -152,7 +152,7 @@ class ModelRunner:
     def _batch(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "left"
-        batch = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        batch = encode_batch(self.processor, images, prompts, return_tensors="pt", padding=True)
         out = {k: v.to(self.device) for k, v in batch.items()}
         if "pixel_values" in out:
             out["pixel_values"] = out["pixel_values"].to(self.dtype)
@@ -206,9 +206,7 @@ class SafetyRunner(ModelRunner):
                          fingerprint or tensor_fingerprint(model), name)
 
     def _generate_tokens(self, batch, **kwargs):
-        return self.model.generate(batch["input_ids"], batch["attention_mask"],
-                                   pixel_values=batch.get("pixel_values"), image_sizes=batch.get("image_sizes"),
-                                   **kwargs)
+        return self.model.generate(**batch, **kwargs)   # the family's image inputs by name
 
 
 RUNNERS: dict[str, type[ModelRunner]] = {"hf": HFRunner, "safevlm": SafetyRunner}

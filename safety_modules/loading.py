@@ -51,9 +51,11 @@ def load_base(spec: str, dtype: torch.dtype | None = None, device: str | torch.d
             raise FileNotFoundError(f"model {spec!r}: not a local folder, not one of {sorted(TINY_SPECS)} and not "
                                     f"{SHAPE_PREFIX}NAME "
                                     "(download checkpoints yourself; nothing is fetched from a hub)")
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
+
+        from safety_modules.processors import load_processor
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto", local_files_only=True)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        processor = load_processor(path)
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from safety_modules.processors import pixtral_processor_class, without_video
 from safety_modules.tiny import build_tiny_tokenizer
 
 TEXT_HIDDEN = 64
@@ -57,26 +58,6 @@ def _text_sizes(tokenizer: PreTrainedTokenizerFast) -> dict:
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=TEXT_INIT_STD,
     )
-
-
-def without_video(processor_cls, **kwargs):
-    """`processor_cls(**kwargs)` with no video processor.
-
-    Why: transformers' video processors need torchvision, which this CPU environment lacks, and the
-    processor's class check cannot resolve their base class without it. The instance is built
-    through a subclass that lets that one argument be None, then given back its real class, so it
-    saves and reloads as the family's own processor.
-    """
-
-    class _ImageOnly(processor_cls):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None and "video" in argument_name:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    processor = _ImageOnly(**kwargs)
-    processor.__class__ = processor_cls
-    return processor
 
 
 def _finish(model, tokenizer: PreTrainedTokenizerFast):
@@ -218,34 +199,11 @@ MISTRAL_TEMPLATE = (
 PIXTRAL_MAX_EDGE = 64
 
 
-def _pixtral_processor_class():
-    """`PixtralProcessor`, importable without torchvision.
-
-    Why: transformers' pixtral processing module imports its torchvision image processor for one
-    helper (`get_resize_output_image_size`, used only to count tokens ahead of time); the PIL
-    backend defines the same helper. Without torchvision that module is registered in its place.
-    """
-    import importlib.util
-    import sys
-    import types
-
-    name = "transformers.models.pixtral.image_processing_pixtral"
-    if importlib.util.find_spec("torchvision") is None and name not in sys.modules:
-        from transformers.models.pixtral import image_processing_pil_pixtral
-
-        shim = types.ModuleType(name)
-        shim.get_resize_output_image_size = image_processing_pil_pixtral.get_resize_output_image_size
-        sys.modules[name] = shim
-    from transformers.models.pixtral.processing_pixtral import PixtralProcessor
-
-    return PixtralProcessor
-
-
 def build_mistral3(tokenizer: PreTrainedTokenizerFast):
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
-    PixtralProcessor = _pixtral_processor_class()
+    PixtralProcessor = pixtral_processor_class()
     vision = dict(model_type="pixtral", hidden_size=VISION_HIDDEN, intermediate_size=VISION_HIDDEN * 2,
                   num_hidden_layers=VISION_LAYERS, num_attention_heads=VISION_HEADS, image_size=PIXTRAL_MAX_EDGE,
                   patch_size=TOWER_PATCH, head_dim=VISION_HIDDEN // VISION_HEADS)

@@ -27,6 +27,13 @@ from safety_modules.prompting import build_prompt, encode_batch, response_suffix
 IGNORE_INDEX = -100
 # Processor outputs with one entry per token: cut together with input_ids under max_length.
 PER_TOKEN_KEYS = ("attention_mask", "mm_token_type_ids", "token_type_ids")
+# What only the safety head reads; a plain base model takes every other key of a batch.
+HEAD_LABEL_KEYS = ("safety_labels", "risk_labels")
+
+
+def plain_model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch's inputs for the plain base model (whatever image inputs its family has)."""
+    return {k: v for k, v in batch.items() if k not in HEAD_LABEL_KEYS}
 
 
 class TrainingCollator:
