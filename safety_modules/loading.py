@@ -18,7 +18,7 @@ from safety_modules.tiny_families import tiny_families
 
 TINY_PREFIX = "tiny-"
 TINY_LLAVA_SPECS = {"tiny": "llava", "tiny-next": "llava_next", "tiny-llava": "llava", "tiny-llava_next": "llava_next"}
-TINY_SPECS = {**TINY_LLAVA_SPECS, **{TINY_PREFIX + family: family for family in tiny_families()}}
+TINY_SPECS = {**{TINY_PREFIX + family: family for family in tiny_families()}, **TINY_LLAVA_SPECS}
 SHAPE_PREFIX = "shape:"
 
 

@@ -344,13 +344,20 @@ BUILDERS: dict[str, tuple[Callable[[], PreTrainedTokenizerFast], Callable]] = {
 }
 
 
+# built by safety_modules.tiny (the original tiny models, with their own size options)
+LLAVA_FAMILIES = ("llava", "llava_next")
+
+
 def tiny_families() -> list[str]:
     """The families `build_tiny_family` can build."""
-    return sorted(BUILDERS)
+    return sorted([*BUILDERS, *LLAVA_FAMILIES])
 
 
 def build_tiny_family(family: str, seed: int = 0):
     """A tiny (model, processor) pair of `family` (a model_type); the same seed gives the same weights."""
+    if family in LLAVA_FAMILIES:
+        from safety_modules.tiny import build_tiny_llava
+        return build_tiny_llava(seed=seed, family=family)
     if family not in BUILDERS:
         raise ValueError(f"build_tiny_family: no tiny builder for {family!r}; known: {tiny_families()}")
     make_tokenizer, make_model = BUILDERS[family]

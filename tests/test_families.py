@@ -1,4 +1,4 @@
-"""Every non-LLaVA family on its tiny random model, through the same public API.
+"""Every supported family on its tiny random model, through the same public API.
 
 Per family: with safety tokens in front of each image, the wrapper's logits, greedy tokens and LM
 loss equal those of the UNCHANGED model whose extra slots are ordinary tokens carrying the safety

@@ -1,4 +1,4 @@
-"""Every non-LLaVA family through adapters and training: an adapter round trip exact in a fresh
+"""Every supported family through adapters and training: an adapter round trip exact in a fresh
 process and refused on another family, and one real stage-1 and stage-2 DeepSpeed step."""
 
 from __future__ import annotations
