@@ -1,5 +1,5 @@
 """Every supported family through adapters and training: an adapter round trip exact in a fresh
-process and refused on another family, and one real stage-1 and stage-2 DeepSpeed step."""
+process and refused on another family, and one real stage-1, stage-2 and PPO DeepSpeed step."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from safety_modules import AdapterError, SafetyConfig, attach, build_prompt, loa
 from safety_modules.prompting import encode_batch
 from safety_modules.tiny_families import build_tiny_family, tiny_families
 from training.config import DataConfig, LoraSpec, ModelSpec, Stage1Config, Stage2Config, TrainConfig
+from training.recipes.ppo import PPOConfig, build_ppo_model, train_ppo
 from training.recipes.stage1 import build_stage1_model, train_stage1
 from training.recipes.stage2 import build_stage2_model, train_stage2
+from training.rl.trainer import PPOSpec, RolloutSpec
 
 FAMILIES = tiny_families()
 CFG = dict(num_safety_tokens=4, num_queries=4, projector_depth=1)
@@ -114,14 +116,36 @@ def _base_bytes(model) -> dict[str, bytes]:
             if "lora_" not in k}
 
 
+@pytest.fixture(scope="module")
+def reward_classifier(tmp_path_factory) -> Path:
+    """A small response classifier (PPO's reward), trained once for every family."""
+    from training.classifier.answers import generate
+    from training.classifier.train import ClassifierTrainConfig, train_classifier
+
+    out = tmp_path_factory.mktemp("reward") / "classifier"
+    records = [r for r in generate("a", 32, 0, "train") if r.task == "alignment"]
+    heldout = [r for r in generate("a", 4, 0, "heldout") if r.task == "alignment"]
+    train_classifier(ClassifierTrainConfig(epochs=1, batch_size=16, lr=1e-3), train_records=records,
+                     eval_records=heldout, out_dir=out, progress=False)
+    return out
+
+
+def _world(root: Path, ppo: bool) -> Path:
+    """Red (safe) and blue (unsafe) images with training records, or PPO prompts with their label."""
+    def record(i: int, unsafe: bool) -> dict:
+        turns = [{"from": "human", "value": "<image>\nIs this image safe to post?"}]
+        extra = {"label": "Unsafe" if unsafe else "Safe", "task": "alignment"} if ppo else {}
+        if not ppo:
+            turns.append({"from": "gpt", "value": "No, it is unsafe." if unsafe else "Yes, it is safe."})
+        return {"id": f"r{i}", "conversations": turns, "safety_level": 2 if unsafe else 0,
+                "risk_type": "violence" if unsafe else "none", **extra}
+    return write_red_blue_world(root, record, n=4, file_name="ppo.jsonl" if ppo else "train.jsonl")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_one_stage1_and_one_stage2_step(family, tmp_path):
-    data = write_red_blue_world(tmp_path / "world", lambda i, unsafe: {
-        "id": f"r{i}",
-        "conversations": [{"from": "human", "value": "<image>\nIs this image safe to post?"},
-                          {"from": "gpt", "value": "No, it is unsafe." if unsafe else "Yes, it is safe."}],
-        "safety_level": 2 if unsafe else 0, "risk_type": "violence" if unsafe else "none"}, n=4)
+def test_one_stage1_stage2_and_ppo_step(family, tmp_path, reward_classifier):
+    data = _world(tmp_path / "world", ppo=False)
     spec = ModelSpec(f"tiny-{family}")
     stage1 = Stage1Config(run_dir=str(tmp_path / "stage1"), model=spec, safety=SafetyConfig(**CFG),
                           data=DataConfig(train=str(data)), train=_train())
@@ -139,3 +163,13 @@ def test_one_stage1_and_one_stage2_step(family, tmp_path):
     assert _base_bytes(model) == before, "stage 2 changed the frozen base"
     assert not torch.equal(model.safety.llm_tokens, tokens), "stage 2 did not train the safety tokens"
     assert (Path(summary["adapter"]) / "adapter_model.safetensors").is_file()
+
+    ppo = PPOConfig(run_dir=str(tmp_path / "ppo"), model=spec, adapter=summary["adapter"],
+                    classifier=str(reward_classifier), eval_records=2,
+                    rollout=RolloutSpec(batch_size=4, max_new_tokens=4), algo=PPOSpec(epochs=1, minibatches=1),
+                    data=DataConfig(train=str(_world(tmp_path / "prompts", ppo=True))), train=_train(lr=1e-3))
+    policy = build_ppo_model(ppo)
+    before, tokens = _base_bytes(policy.model), policy.model.safety.llm_tokens.detach().clone()
+    summary = train_ppo(ppo, policy)
+    assert summary["steps"] == 1 and _base_bytes(policy.model) == before, "PPO changed the frozen base"
+    assert not torch.equal(policy.model.safety.llm_tokens, tokens), "PPO did not train the safety tokens"
