@@ -228,3 +228,17 @@ def test_collator_labels_decode_to_the_answer_and_eos(attached, make_image, tmp_
         with torch.no_grad():
             out = model.plain_model(**{k: v for k, v in batch.items() if k not in ("safety_labels", "risk_labels")})
         assert torch.isfinite(out.loss)
+
+
+# -- evaluation of the plain model --------------------------------------------------------------------
+def test_plain_model_evaluation_batched_equals_one_at_a_time(family, images):
+    """`safevlm eval --model tiny-<family>`'s runner: the plain model, prompts through its own chat
+    template, left-padded batches answering as each prompt alone does."""
+    from eval.models import GenerationSettings, load_runner
+
+    runner = load_runner(f"tiny-{family}")
+    assert runner.kind == "hf"
+    settings = GenerationSettings(max_new_tokens=NEW_TOKENS, greedy=True)
+    together = runner.generate(QUESTIONS, images, settings)
+    assert len(together) == len(QUESTIONS) and any(together)
+    assert together == [runner.generate([q], [im], settings)[0] for q, im in zip(QUESTIONS, images)]
