@@ -206,7 +206,7 @@ class SafetyRunner(ModelRunner):
                          fingerprint or tensor_fingerprint(model), name)
 
     def _generate_tokens(self, batch, **kwargs):
-        return self.model.generate(**batch, **kwargs)   # the family's image inputs by name
+        return self.model.generate(**batch, **kwargs)  # image inputs by name, whatever the family
 
 
 RUNNERS: dict[str, type[ModelRunner]] = {"hf": HFRunner, "safevlm": SafetyRunner}

@@ -178,23 +178,26 @@ class SafetyVLM(nn.Module):
             )
 
     def build_inputs_embeds(self, input_ids: torch.Tensor, images: EncodedImages | None) -> torch.Tensor:
-        """Text embeddings with [safety tokens ; image features] scattered into each image's placeholders."""
+        """Text embeddings with [safety tokens ; image features] scattered into each image's placeholders.
+
+        For a family that fills its own features (`features_in_embeds` False), the feature positions
+        keep the image token's embedding, by which the model finds them, and only the slots change.
+        """
         placeholders = self.placeholder_mask(input_ids)
         embed = self.base.get_input_embeddings()
-        text_ids = input_ids.masked_fill(placeholders, 0)
-        embeds = embed(text_ids)
         if images is None:
             n_slots = int(placeholders.sum())
             if n_slots:
                 raise ValueError(f"input has {n_slots} image placeholders but no pixel_values were given")
-            return embeds
+            return embed(input_ids)
         self._check_slot_count(placeholders, images)
-        tokens = self.safety.llm_tokens.to(embeds.dtype)
         if not self.family.features_in_embeds:
-            # the model finds its image positions by the image token's embedding and fills them itself
             slots = self.slot_mask(input_ids, images)
             embeds = embed(input_ids.masked_fill(slots, 0))
-            return embeds.masked_scatter(slots.unsqueeze(-1), tokens.repeat(len(images.vision.base), 1))
+            tokens = self.safety.llm_tokens.to(embeds.dtype).repeat(len(images.vision.base), 1)
+            return embeds.masked_scatter(slots.unsqueeze(-1), tokens)
+        embeds = embed(input_ids.masked_fill(placeholders, 0))
+        tokens = self.safety.llm_tokens.to(embeds.dtype)
         fill = torch.cat([torch.cat([tokens, feats.to(embeds.dtype)]) for feats in images.vision.base])
         return embeds.masked_scatter(placeholders.unsqueeze(-1), fill)
 
