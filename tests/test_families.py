@@ -242,3 +242,25 @@ def test_plain_model_evaluation_batched_equals_one_at_a_time(family, images):
     together = runner.generate(QUESTIONS, images, settings)
     assert len(together) == len(QUESTIONS) and any(together)
     assert together == [runner.generate([q], [im], settings)[0] for q, im in zip(QUESTIONS, images)]
+
+
+# -- failing closed -----------------------------------------------------------------------------------
+# Inputs whose absence the model defines: Idefics3 assumes unpadded images without its pixel mask,
+# LLaVA-OneVision one image per sample without `batch_num_images` (the framework's layout).
+OPTIONAL_IMAGE_INPUTS = ("pixel_attention_mask", "batch_num_images")
+def test_a_processor_without_reserved_slots_is_a_clear_error(attached, images):
+    model, plain = attached
+    texts = [build_prompt(plain, q) for q in QUESTIONS]
+    batch = dict(encode_batch(plain, images, texts, return_tensors="pt", padding=True, padding_side="left"))
+    with pytest.raises(ValueError, match=r"attach\(\)"):
+        model(**batch)
+
+
+def test_a_missing_image_input_is_a_clear_error(attached, images):
+    """Each image input the processor returns and the family needs, dropped, is named in the error."""
+    model, _ = attached
+    batch = encode(model, images, QUESTIONS)
+    needed = [name for name in model.family.image_input_names if name in batch and name not in OPTIONAL_IMAGE_INPUTS]
+    for name in needed:
+        with pytest.raises(ValueError, match=name):
+            model(**{k: v for k, v in batch.items() if k != name})

@@ -1,4 +1,4 @@
-"""Idefics3 / SmolVLM (`Idefics3ForConditionalGeneration`, `SmolVLMForConditionalGeneration`).
+"""Idefics3 and SmolVLM (v1) checkpoints (`Idefics3ForConditionalGeneration`, model_type idefics3).
 
 Quirks: each image is split into tiles plus a global view, every one a run of placeholders broken by
 row/column markers, and `pooler_output` is per sample, not per image (the framework gives each
@@ -17,7 +17,7 @@ PIXEL_MASK = "pixel_attention_mask"
 
 
 class Idefics3Adapter(FamilyAdapter):
-    model_types = ("idefics3", "smolvlm")
+    model_types = ("idefics3",)
     image_input_names = (PIXEL_MASK,)
     llm_module_name = "text_model"
 
