@@ -24,7 +24,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from safety_modules.configio import ConfigError
 from safety_modules.images import use_square_padding
-from safety_modules.prompting import CONVERSATIONS, build_prompt, use_conversation
+from safety_modules.prompting import CONVERSATIONS, build_prompt, encode_batch, use_conversation
 
 # How images reach the model: the processor's own preprocessing, or LLaVA-1.5's padding to a square.
 PROCESSOR_PREPROCESS = "processor"
@@ -161,7 +161,7 @@ class ModelRunner:
     def _batch(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "left"
-        batch = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+        batch = encode_batch(self.processor, images, prompts, return_tensors="pt", padding=True)
         out = {k: v.to(self.device) for k, v in batch.items()}
         if "pixel_values" in out:
             out["pixel_values"] = out["pixel_values"].to(self.dtype)
@@ -215,9 +215,7 @@ class SafetyRunner(ModelRunner):
                          fingerprint or tensor_fingerprint(model), name)
 
     def _generate_tokens(self, batch, **kwargs):
-        return self.model.generate(batch["input_ids"], batch["attention_mask"],
-                                   pixel_values=batch.get("pixel_values"), image_sizes=batch.get("image_sizes"),
-                                   **kwargs)
+        return self.model.generate(**batch, **kwargs)  # image inputs by name, whatever the family
 
 
 RUNNERS: dict[str, type[ModelRunner]] = {"hf": HFRunner, "safevlm": SafetyRunner}

@@ -32,6 +32,7 @@ from safety_modules.attach import SafetyVLM, _plain, attach
 from safety_modules.config import SafetyConfig
 from safety_modules.configio import ConfigError, from_dict, to_dict
 from safety_modules.fileio import CorruptFileError, atomic_write, read_json, write_json_atomic
+from safety_modules.families import family_for
 
 CONFIG_NAME = "safety_config.json"
 WEIGHTS_NAME = "safety_adapter.safetensors"
@@ -104,15 +105,16 @@ def remember_base(model: nn.Module) -> None:
 def fingerprint(model: nn.Module) -> dict[str, object]:
     """What an adapter must agree on with the base it is loaded onto."""
     config = model.config
+    family = family_for(config)
     return {
         "model_type": config.model_type,
-        "vision_hidden_size": config.vision_config.hidden_size,
-        "vision_image_size": config.vision_config.image_size,
-        "vision_patch_size": config.vision_config.patch_size,
-        "text_hidden_size": config.text_config.hidden_size,
+        "vision_hidden_size": family.vision_width(config),
+        "vision_image_size": getattr(config.vision_config, "image_size", None),  # None: dynamic resolution
+        "vision_patch_size": getattr(config.vision_config, "patch_size", None),
+        "text_hidden_size": family.text_width(config),
         "text_num_layers": config.text_config.num_hidden_layers,
         "vocab_size": config.text_config.vocab_size,
-        "image_token_id": config.image_token_id,
+        "image_token_id": family.image_token_id(config),
         WEIGHTS_HASH: base_weights_hash(model),
     }
 

@@ -2,14 +2,14 @@
 
 How: the wrapper builds the LLM's input embeddings itself -- text embeddings, then per image the
 safety tokens followed by the model's own image features, scattered into the image placeholders --
-and calls the unchanged model with `inputs_embeds`. The processor reserves the extra placeholder
-positions (`num_additional_image_tokens += num_safety_tokens`), so nothing of the model's modeling
-code is copied or patched. The vision tower runs once per image; both projectors read its output.
+and calls the unchanged model with `inputs_embeds` plus the extra inputs its family adapter computes
+(position ids, token types). The processor reserves `k` extra placeholder positions in front of
+each image (the family adapter says how), so nothing of the model's modeling code is copied or
+patched. The vision tower runs once per image; both projectors read its output.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from safety_modules.config import SafetyConfig
-from safety_modules.families import VisionFeatures, family_for
+from safety_modules.families import TOKEN_TYPE_NAMES, FamilyAdapter, VisionFeatures, family_for
 from safety_modules.head import SafetyHead, safety_loss
 from safety_modules.projector import build_projector
 
@@ -44,6 +44,10 @@ class EncodedImages:
     vision: VisionFeatures
     safety_features: torch.Tensor  # (num_images, Q, text_width)
 
+    def select(self, index: list[int]) -> "EncodedImages":
+        """The encoded images at `index` (e.g. the samples a guard lets through), extras included."""
+        return EncodedImages(vision=self.vision.select(index), safety_features=self.safety_features[index])
+
 
 @dataclass
 class SafetyOutput(ModelOutput):
@@ -53,26 +57,23 @@ class SafetyOutput(ModelOutput):
     logits: torch.Tensor | None = None
     safety_logits: torch.Tensor | None = None
     risk_logits: torch.Tensor | None = None
-    past_key_values: object | None = None
+    cache: object | None = None
     hidden_states: tuple | None = None
 
 
-def reserve_safety_positions(processor, num_safety_tokens: int):
-    """A copy of `processor` that lays out `num_safety_tokens` extra placeholders per image.
+def reserve_safety_positions(processor, num_safety_tokens: int, family: FamilyAdapter | object):
+    """A copy of `processor` that lays out `num_safety_tokens` placeholders in front of each image.
 
-    Both LLaVA processors count `num_additional_image_tokens` into every image's placeholder run;
-    the safety tokens take the first positions of that run.
+    `family` is the base model's adapter (or its config); the adapter says how its processor
+    reserves them. The copy is marked with `safety_reserved_tokens`, which the guard checks.
     """
     already = getattr(processor, "safety_reserved_tokens", 0)
     if already == num_safety_tokens:
         return processor
     if already:
         raise ValueError(f"processor already reserves {already} safety positions, not {num_safety_tokens}")
-    if not hasattr(processor, "num_additional_image_tokens"):
-        raise TypeError(f"{type(processor).__name__} has no num_additional_image_tokens: cannot reserve "
-                        "safety-token positions (is this a LLaVA-family processor?)")
-    reserved = copy.copy(processor)
-    reserved.num_additional_image_tokens = processor.num_additional_image_tokens + num_safety_tokens
+    adapter = family if isinstance(family, FamilyAdapter) else family_for(family)
+    reserved = adapter.reserve(processor, num_safety_tokens)
     reserved.safety_reserved_tokens = num_safety_tokens
     return reserved
 
@@ -99,7 +100,8 @@ class SafetyVLM(nn.Module):
             self.family.num_patches(config), heads, init_std,
         ).to(device=ref.device, dtype=ref.dtype)
         self.train(base.training)
-        self.processor = reserve_safety_positions(processor, cfg.num_safety_tokens) if processor is not None else None
+        self.processor = (reserve_safety_positions(processor, cfg.num_safety_tokens, self.family)
+                          if processor is not None else None)
 
     # -- plumbing ---------------------------------------------------------------------------
     @property
@@ -118,38 +120,106 @@ class SafetyVLM(nn.Module):
         self.plain_model.gradient_checkpointing_enable(**kwargs)
 
     # -- the pieces of a forward pass -------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> EncodedImages:
-        """Run the vision tower once; return the base features and the safety features."""
-        vision = self.family.image_features(self.base, pixel_values, image_sizes,
+    def image_inputs(self, batch: dict) -> dict:
+        """`pixel_values` and the family's extra image inputs (by name) out of a processor batch."""
+        names = ("pixel_values",) + self.family.image_input_names
+        inputs = {name: batch[name] for name in names if batch.get(name) is not None}
+        if "pixel_values" in inputs and "input_ids" in batch:
+            inputs = {**self.family.image_inputs_from_ids(self.config, batch["input_ids"],
+                                                          self.safety_config.num_safety_tokens), **inputs}
+        return inputs
+
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None,
+                      **image_inputs: torch.Tensor) -> EncodedImages:
+        """Run the vision tower once; return the base features and the safety features.
+
+        `image_inputs`: the family's extra image inputs by name (`image_grid_thw`, ...); unknown
+        names are an error, so that nothing a family needs is dropped silently.
+        """
+        if image_sizes is not None:
+            image_inputs["image_sizes"] = image_sizes
+        unknown = set(image_inputs) - set(self.family.image_input_names)
+        if unknown and any(image_inputs[name] is not None for name in unknown):
+            raise ValueError(f"encode_images: {sorted(unknown)} are not image inputs of {self.config.model_type} "
+                             f"(it takes {list(self.family.image_input_names)})")
+        image_inputs = {k: v for k, v in image_inputs.items() if k in self.family.image_input_names}
+        vision = self.family.image_features(self.base, pixel_values, image_inputs,
                                             self.safety_config.vision_feature_layer)
         patches = vision.patches.to(next(self.safety.projector.parameters()).dtype)
         return EncodedImages(vision=vision, safety_features=self.safety.projector(patches))
 
     def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids == self.config.image_token_id
+        """Image placeholders: per image, the safety slots and then its feature positions."""
+        return input_ids == self.family.image_token_id(self.config)
 
-    def build_inputs_embeds(self, input_ids: torch.Tensor, images: EncodedImages | None) -> torch.Tensor:
-        """Text embeddings with [safety tokens ; image features] scattered into each image's placeholders."""
+    def slot_mask(self, input_ids: torch.Tensor, images: EncodedImages | None) -> torch.Tensor:
+        """The safety-slot positions: the first `k` placeholders of each image, in sequence order."""
         placeholders = self.placeholder_mask(input_ids)
-        embed = self.base.get_input_embeddings()
-        text_ids = input_ids.masked_fill(placeholders, 0)
-        embeds = embed(text_ids)
-        n_slots = int(placeholders.sum())
+        slots = torch.zeros_like(placeholders)
         if images is None:
-            if n_slots:
-                raise ValueError(f"input has {n_slots} image placeholders but no pixel_values were given")
-            return embeds
-        tokens = self.safety.llm_tokens.to(embeds.dtype)
-        fill = torch.cat([torch.cat([tokens, feats.to(embeds.dtype)]) for feats in images.vision.base])
-        if fill.shape[0] != n_slots:
-            k = self.safety_config.num_safety_tokens
-            n_feat = sum(f.shape[0] for f in images.vision.base)
+            return slots
+        k = self.safety_config.num_safety_tokens
+        self._check_slot_count(placeholders, images)
+        is_slot = torch.cat([torch.arange(k + f.shape[0], device=input_ids.device) < k for f in images.vision.base])
+        flat = placeholders.flatten().nonzero().squeeze(1)
+        slots.view(-1)[flat[is_slot]] = True
+        return slots
+
+    def _check_slot_count(self, placeholders: torch.Tensor, images: EncodedImages) -> None:
+        k = self.safety_config.num_safety_tokens
+        n_slots = int(placeholders.sum())
+        n_feat = sum(f.shape[0] for f in images.vision.base)
+        need = n_feat + k * len(images.vision.base)
+        if need != n_slots:
             raise ValueError(
                 f"input has {n_slots} image placeholders, but {len(images.vision.base)} image(s) need "
-                f"{n_feat} feature + {k} safety-token positions each ({fill.shape[0]} in all): build inputs "
+                f"{n_feat} feature + {k} safety-token positions each ({need} in all): build inputs "
                 "with the processor returned by attach()/reserve_safety_positions()"
             )
+
+    def build_inputs_embeds(self, input_ids: torch.Tensor, images: EncodedImages | None) -> torch.Tensor:
+        """Text embeddings with [safety tokens ; image features] scattered into each image's placeholders.
+
+        For a family that fills its own features (`features_in_embeds` False), the feature positions
+        keep the image token's embedding, by which the model finds them, and only the slots change.
+        """
+        placeholders = self.placeholder_mask(input_ids)
+        embed = self.base.get_input_embeddings()
+        if images is None:
+            n_slots = int(placeholders.sum())
+            if n_slots:
+                raise ValueError(f"input has {n_slots} image placeholders but no pixel_values were given")
+            return embed(input_ids)
+        self._check_slot_count(placeholders, images)
+        if not self.family.features_in_embeds:
+            slots = self.slot_mask(input_ids, images)
+            embeds = embed(input_ids.masked_fill(slots, 0))
+            tokens = self.safety.llm_tokens.to(embeds.dtype).repeat(len(images.vision.base), 1)
+            return embeds.masked_scatter(slots.unsqueeze(-1), tokens)
+        embeds = embed(input_ids.masked_fill(placeholders, 0))
+        tokens = self.safety.llm_tokens.to(embeds.dtype)
+        fill = torch.cat([torch.cat([tokens, feats.to(embeds.dtype)]) for feats in images.vision.base])
         return embeds.masked_scatter(placeholders.unsqueeze(-1), fill)
+
+    def llm_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   images: EncodedImages | None) -> dict:
+        """`inputs_embeds` and the family's extra model inputs (the safety slots typed as text)."""
+        embeds = self.build_inputs_embeds(input_ids, images)
+        image_positions = self.placeholder_mask(input_ids) & ~self.slot_mask(input_ids, images)
+        extra = self.family.llm_inputs(self.plain_model, input_ids, attention_mask, image_positions,
+                                       images.vision if images is not None else None)
+        return {"inputs_embeds": embeds, **extra}
+
+    def _split_inputs(self, image_sizes: torch.Tensor | None, kwargs: dict) -> dict:
+        """Take the family's image inputs out of `kwargs` (the rest goes to the LLM); drop the
+        processor's token types, which the adapter recomputes with the safety slots as text."""
+        image_inputs = {"image_sizes": image_sizes} if image_sizes is not None else {}
+        for name in self.family.image_input_names:
+            if name in kwargs:
+                image_inputs[name] = kwargs.pop(name)
+        for name in TOKEN_TYPE_NAMES:
+            kwargs.pop(name, None)
+        return image_inputs
 
     def head_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     images: EncodedImages | None, prompt_mask: torch.Tensor | None = None,
@@ -185,8 +255,10 @@ class SafetyVLM(nn.Module):
         `prompt_mask` says otherwise. `run_llm=False` skips the LLM (stage 1, the guard);
         total loss = LM loss + loss_weight * (CE(level) + CE(risk type)).
         """
+        image_inputs = self._split_inputs(image_sizes, llm_kwargs)
         if images is None and pixel_values is not None:
-            images = self.encode_images(pixel_values, image_sizes)
+            batch = {"input_ids": input_ids, "pixel_values": pixel_values, **image_inputs}
+            images = self.encode_images(**self.image_inputs(batch))
         out = SafetyOutput()
         if run_head:
             if prompt_mask is None and labels is not None:
@@ -194,11 +266,11 @@ class SafetyVLM(nn.Module):
             out.safety_logits, out.risk_logits = self.head_logits(input_ids, attention_mask, images, prompt_mask)
             out.safety_loss = safety_loss(out.safety_logits, out.risk_logits, safety_labels, risk_labels)
         if run_llm:
-            embeds = self.build_inputs_embeds(input_ids, images)
-            llm_out = self.base(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+            inputs = self.llm_inputs(input_ids, attention_mask, images)
+            llm_out = self.base(attention_mask=attention_mask, labels=labels, **inputs, **llm_kwargs)
             out.logits = llm_out.logits
             out.lm_loss = llm_out.loss
-            out.past_key_values = getattr(llm_out, "past_key_values", None)
+            out.cache = getattr(llm_out, "cache", None)
             out.hidden_states = getattr(llm_out, "hidden_states", None)
         parts = []
         if out.lm_loss is not None:
@@ -219,21 +291,21 @@ class SafetyVLM(nn.Module):
         placeholder in an answer would make that answer unscorable later (PPO scores prompt + answer
         in one forward, which would count one placeholder too many).
         """
+        image_inputs = self._split_inputs(image_sizes, generate_kwargs)
         if images is None and pixel_values is not None:
-            images = self.encode_images(pixel_values, image_sizes)
-        embeds = self.build_inputs_embeds(input_ids, images)
-        image_token = getattr(self.config, "image_token_id", None)
-        if image_token is None:
-            image_token = getattr(self.config, "image_token_index", None)
-        if image_token is not None:
-            suppressed = list(generate_kwargs.pop("suppress_tokens", None) or [])
-            generate_kwargs["suppress_tokens"] = sorted(set(suppressed) | {int(image_token)})
-        return self.base.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+            batch = {"input_ids": input_ids, "pixel_values": pixel_values, **image_inputs}
+            images = self.encode_images(**self.image_inputs(batch))
+        inputs = self.llm_inputs(input_ids, attention_mask, images)
+        self.family.prepare_generation(self.plain_model)
+        image_token = self.family.image_token_id(self.config)
+        suppressed = list(generate_kwargs.pop("suppress_tokens", None) or [])
+        generate_kwargs["suppress_tokens"] = sorted(set(suppressed) | {int(image_token)})
+        return self.base.generate(attention_mask=attention_mask, **inputs, **generate_kwargs)
 
 
 def attach(model: nn.Module, config: SafetyConfig | None = None, processor=None,
            freeze_base: bool = True) -> SafetyVLM:
-    """Add the safety modules to a LLaVA-family model; returns the wrapped model.
+    """Add the safety modules to a VLM of a supported family; returns the wrapped model.
 
     With a processor, `model.processor` is a copy that reserves the safety-token positions. The base
     is frozen by default (stage 1 trains only the modules).

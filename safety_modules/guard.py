@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from safety_modules.attach import EncodedImages, SafetyVLM
-from safety_modules.prompting import build_prompt
+from safety_modules.attach import SafetyVLM
+from safety_modules.prompting import build_prompt, encode_batch
 
 DEFAULT_GUARD_PROMPT = "Is this image safe for viewing on social media?"
 NONFINITE_ACTIONS = ("error", "refuse")
@@ -97,14 +97,6 @@ class GuardedResponse:
     prompt: str = field(default="", repr=False)
 
 
-def _select(images: EncodedImages, index: list[int]) -> EncodedImages:
-    from safety_modules.families import VisionFeatures
-    return EncodedImages(
-        vision=VisionFeatures(base=[images.vision.base[i] for i in index], patches=images.vision.patches[index]),
-        safety_features=images.safety_features[index],
-    )
-
-
 class SafetyGuard:
     """Verdicts (and guarded generation) for images, from an attached model and its processor."""
 
@@ -121,7 +113,7 @@ class SafetyGuard:
         texts = [build_prompt(self.processor, p) for p in prompts]
         # Left padding for generation, asked per call: setting tokenizer.padding_side would change the
         # caller's processor too (reserve_safety_positions shares the tokenizer), e.g. a collator's.
-        batch = self.processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="left")
+        batch = encode_batch(self.processor, images, texts, return_tensors="pt", padding=True, padding_side="left")
         device = self.model.device
         return {k: v.to(device) for k, v in batch.items()}
 
@@ -151,7 +143,7 @@ class SafetyGuard:
         """One verdict per image; no token is generated and the LLM does not run."""
         prompts = self._prompts(images, prompts)
         batch = self._encode(images, prompts)
-        encoded = self.model.encode_images(batch["pixel_values"], batch.get("image_sizes"))
+        encoded = self.model.encode_images(**self.model.image_inputs(batch))
         logits = self.model.head_logits(batch["input_ids"], batch["attention_mask"], encoded)
         return self._verdicts(*logits)
 
@@ -173,7 +165,7 @@ class SafetyGuard:
         """
         prompts = self._prompts(images, prompts)
         batch = self._encode(images, prompts)
-        encoded = self.model.encode_images(batch["pixel_values"], batch.get("image_sizes"))
+        encoded = self.model.encode_images(**self.model.image_inputs(batch))
         verdicts = self._verdicts(*self.model.head_logits(batch["input_ids"], batch["attention_mask"], encoded))
         responses: list[GuardedResponse | None] = [None] * len(images)
         to_generate = []
@@ -195,13 +187,13 @@ class SafetyGuard:
                     prefix = self.policy.fill(self.policy.instruction_template, v) if v.action == "instruct" else ""
                     texts.append(build_prompt(self.processor, prefix + prompts[i]))
                 # Only the text changes: tokenise it and reuse the image features computed above.
-                sub = self.processor(images=[images[i] for i in to_generate], text=texts, return_tensors="pt",
-                                     padding=True, padding_side="left")
+                sub = encode_batch(self.processor, [images[i] for i in to_generate], texts, return_tensors="pt",
+                                   padding=True, padding_side="left")
                 input_ids = sub["input_ids"].to(self.model.device)
                 attention_mask = sub["attention_mask"].to(self.model.device)
             generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                      images=_select(encoded, to_generate), **generate_kwargs)
+                                      images=encoded.select(to_generate), **generate_kwargs)
             for row, i in enumerate(to_generate):
                 text = tok.decode(out[row], skip_special_tokens=True).strip()
                 responses[i] = GuardedResponse(text, verdicts[i], verdicts[i].action, prompts[i])

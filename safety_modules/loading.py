@@ -1,7 +1,8 @@
 """Load a base VLM and its processor from a local folder, or build one from a config.
 
 Why local only: nothing in tests or the default run may download from a hub. A model spec is
-`tiny` (tiny LLaVA), `tiny-next` (tiny LLaVA-NeXT), `shape:NAME` (random weights of a real model's
+`tiny` (tiny LLaVA), `tiny-next` (tiny LLaVA-NeXT), `tiny-<model_type>` (a tiny random model of
+any family in safety_modules/tiny_families.py, e.g. `tiny-qwen2_vl`), `shape:NAME` (random weights of a real model's
 shape, e.g. `shape:llava-1.5-7b`, see safety_modules/shapes.py) or a folder written by
 `save_pretrained`.
 """
@@ -13,7 +14,11 @@ from pathlib import Path
 
 import torch
 
-TINY_SPECS = {"tiny": "llava", "tiny-next": "llava_next"}
+from safety_modules.tiny_families import tiny_families
+
+TINY_PREFIX = "tiny-"
+TINY_LLAVA_SPECS = {"tiny": "llava", "tiny-next": "llava_next", "tiny-llava": "llava", "tiny-llava_next": "llava_next"}
+TINY_SPECS = {**{TINY_PREFIX + family: family for family in tiny_families()}, **TINY_LLAVA_SPECS}
 SHAPE_PREFIX = "shape:"
 
 
@@ -27,9 +32,14 @@ def _shape_device() -> str:
 def load_base(spec: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
               seed: int = 0, **tiny_sizes: int):
     """(model, processor) for `spec`; the model is in eval mode."""
-    if spec in TINY_SPECS:
+    if spec in TINY_LLAVA_SPECS:
         from safety_modules.tiny import build_tiny_llava
         model, processor = build_tiny_llava(seed=seed, family=TINY_SPECS[spec], **tiny_sizes)
+    elif spec in TINY_SPECS:
+        if tiny_sizes:
+            raise ValueError(f"model {spec!r}: tiny sizes {sorted(tiny_sizes)} apply to the tiny LLaVA models only")
+        from safety_modules.tiny_families import build_tiny_family
+        model, processor = build_tiny_family(TINY_SPECS[spec], seed=seed)
     elif spec.startswith(SHAPE_PREFIX):
         from safety_modules.shapes import random_llava
         build_device = device or _shape_device()
@@ -41,7 +51,9 @@ def load_base(spec: str, dtype: torch.dtype | None = None, device: str | torch.d
             raise FileNotFoundError(f"model {spec!r}: not a local folder, not one of {sorted(TINY_SPECS)} and not "
                                     f"{SHAPE_PREFIX}NAME "
                                     "(download checkpoints yourself; nothing is fetched from a hub)")
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
+
+        from safety_modules.processors import load_processor
         if not any(path.glob("*.safetensors")):
             pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
             raise ValueError(f"model {spec!r}: no .safetensors weights in the folder"
@@ -50,7 +62,7 @@ def load_base(spec: str, dtype: torch.dtype | None = None, device: str | torch.d
                                "save_pretrained(..., safe_serialization=True)")
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto", local_files_only=True,
                                                             use_safetensors=True)
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        processor = load_processor(path)
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:

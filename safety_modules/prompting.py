@@ -47,3 +47,14 @@ def build_prompt(processor, question: str, with_image: bool = True) -> str:
 def response_suffix(processor) -> str:
     """What follows a response in training text: the tokenizer's end-of-sequence token."""
     return processor.tokenizer.eos_token or ""
+
+
+def encode_batch(processor, images: list, texts: list[str], **kwargs):
+    """`processor(images=..., text=...)` with one image per text, nested per sample.
+
+    Why nested: Gemma 3's and Idefics3's processors read a flat list as one sample holding every
+    image; a list of one-image lists means one image per sample for every family's processor.
+    """
+    if len(images) != len(texts):
+        raise ValueError(f"encode_batch: {len(images)} images for {len(texts)} texts (one image per text)")
+    return processor(images=[[image] for image in images], text=list(texts), **kwargs)

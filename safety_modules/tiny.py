@@ -55,26 +55,32 @@ DEFAULT_SIZES: dict[str, int] = {
 }
 
 
-def build_tiny_tokenizer(vocab_size: int = DEFAULT_SIZES["vocab_size"]) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on the embedded corpus (deterministic, offline)."""
+def build_tiny_tokenizer(vocab_size: int = DEFAULT_SIZES["vocab_size"], special_tokens: list[str] | None = None,
+                         image_token: str = "<image>", extra_named: dict[str, str] | None = None,
+                         **named_tokens: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the embedded corpus (deterministic, offline).
+
+    `special_tokens` (default: LLaVA's) are added whole; `named_tokens` (e.g. `eos_token="<|im_end|>"`)
+    override the LLaVA defaults for the tokenizer's named roles; `extra_named` names more of them as
+    attributes (`tokenizer.image_token`, `tokenizer.boi_token`, ...), as families' processors expect.
+    """
+    special_tokens = list(special_tokens or SPECIAL_TOKENS)
+    roles = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", **named_tokens}
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": image_token, **(extra_named or {})},
         padding_side="left",
+        **roles,
     )
 
 

@@ -5,10 +5,14 @@ the guard, the evaluator and PPO use too. Padding is on the right (training). La
 prompt (image placeholders included) and on padding, so the LM loss sees the response and its
 end-of-sequence token only; decoding the label positions gives back exactly " " + answer + eos.
 
-How the prompt length is found: the prompt is tokenized alone (no image expansion), and the number
-of image placeholders the processor actually laid out is added. The full sequence must start with
-exactly those prompt tokens; if a tokenizer merged a token across the prompt/answer boundary, that
-is an error -- the reference code corrupted its targets silently.
+How the prompt length is found: the processor encodes the prompt alone with its image, so every
+token its image expansion adds (placeholders, safety slots, the row/column or start/end markers some
+families write) is counted. The full sequence must start with exactly those prompt tokens; if a
+tokenizer merged a token across the prompt/answer boundary, that is an error -- the reference code
+corrupted its targets silently.
+
+Every other tensor the processor returns (`image_sizes`, `image_grid_thw`, pixel masks, token types)
+is carried by its name, so each family's model gets the image inputs it needs.
 """
 
 from __future__ import annotations
@@ -18,21 +22,25 @@ from typing import Any
 import torch
 
 from safety_modules.images import MAX_IMAGE_PIXELS, load_image
-from safety_modules.prompting import build_prompt, response_suffix
+from safety_modules.prompting import build_prompt, encode_batch, response_suffix
 
 IGNORE_INDEX = -100
+# Processor outputs with one entry per token: cut together with input_ids under max_length.
+PER_TOKEN_KEYS = ("attention_mask", "mm_token_type_ids", "token_type_ids")
+# What only the safety head reads; a plain base model takes every other key of a batch.
+HEAD_LABEL_KEYS = ("safety_labels", "risk_labels")
 
 
-def _collapse_runs(ids: list[int], token: int) -> list[int]:
-    """Each run of `token` shortened to one: the prompt as written, before image expansion."""
-    return [t for i, t in enumerate(ids) if not (t == token and i and ids[i - 1] == token)]
+def plain_model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch's inputs for the plain base model (whatever image inputs its family has)."""
+    return {k: v for k, v in batch.items() if k not in HEAD_LABEL_KEYS}
 
 
 class TrainingCollator:
     """rows (dicts of training/records.FEATURES) -> model inputs + labels.
 
-    Returns input_ids, attention_mask, pixel_values (+ image_sizes for LLaVA-NeXT), labels,
-    safety_labels, risk_labels. With `with_response=False` only the prompt is encoded (stage 1: the
+    Returns input_ids, attention_mask, pixel_values and the processor's other outputs by name
+    (image_sizes, image_grid_thw, ...), labels, safety_labels, risk_labels. With `with_response=False` only the prompt is encoded (stage 1: the
     head reads the prompt, exactly what the guard sees at inference) and every label is -100.
     Use the processor returned by `attach()` for attached models, the plain one for a plain base.
     """
@@ -45,9 +53,6 @@ class TrainingCollator:
         self.max_length = max_length
         self.max_image_pixels = max_image_pixels
         self.eos = response_suffix(processor)
-        self.image_token_id = getattr(processor, "image_token_id", None)
-        if self.image_token_id is None:
-            self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
 
     def texts(self, row: dict[str, Any]) -> tuple[str, str]:
         """(prompt, full training text) of one record."""
@@ -59,36 +64,33 @@ class TrainingCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images = [load_image(row["image"], self.max_image_pixels) for row in rows]
         prompts, texts = zip(*(self.texts(row) for row in rows))
-        enc = self.processor(images=images, text=list(texts), return_tensors="pt",
-                             padding="longest", padding_side="right")
-        input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+        enc = dict(encode_batch(self.processor, images, texts, return_tensors="pt", padding="longest",
+                                padding_side="right"))
+        input_ids, attention_mask = enc.pop("input_ids"), enc["attention_mask"]
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        prompt_ids = self.tokenizer(list(prompts))["input_ids"]
-        lengths = [self._prompt_length(input_ids[i], prompt_ids[i], row) for i, row in enumerate(rows)]
+        lengths = [self._prompt_length(input_ids[i], image, prompt, row)
+                   for i, (image, prompt, row) in enumerate(zip(images, prompts, rows))]
         for i, n_prompt in enumerate(lengths):
             labels[i, :n_prompt] = IGNORE_INDEX
         if self.max_length and input_ids.shape[1] > self.max_length:
             self._check_fits(lengths, rows)
             cut = slice(0, self.max_length)
-            input_ids, attention_mask, labels = input_ids[:, cut], attention_mask[:, cut], labels[:, cut]
-        batch = {
+            input_ids, labels = input_ids[:, cut], labels[:, cut]
+            enc.update({key: enc[key][:, cut] for key in PER_TOKEN_KEYS if key in enc})
+        return {
             "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "pixel_values": enc["pixel_values"],
+            **enc,
             "labels": labels,
             "safety_labels": torch.tensor([row["safety_level"] for row in rows], dtype=torch.long),
             "risk_labels": torch.tensor([row["risk_type"] for row in rows], dtype=torch.long),
         }
-        if "image_sizes" in enc:
-            batch["image_sizes"] = enc["image_sizes"]
-        return batch
 
-    def _prompt_length(self, full: torch.Tensor, prompt: list[int], row: dict[str, Any]) -> int:
-        token = self.image_token_id
-        n_slots = int((full == token).sum())
-        length = len(prompt) - prompt.count(token) + n_slots
-        head = full[:length].tolist()
-        if _collapse_runs(head, token) != _collapse_runs(prompt, token):
+    def _prompt_length(self, full: torch.Tensor, image, prompt: str, row: dict[str, Any]) -> int:
+        """Tokens of the prompt with its image expanded; an error unless `full` starts with them."""
+        prompt_ids = encode_batch(self.processor, [image], [prompt])["input_ids"][0]
+        prompt_ids = list(prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else prompt_ids)
+        length = len(prompt_ids)
+        if full[:length].tolist() != prompt_ids:
             raise ValueError(f"{row.get('source', row.get('id'))}: the prompt's tokens change when the answer "
                              "is appended (the tokenizer merges across the boundary), so the prompt cannot "
                              "be masked exactly")

@@ -26,10 +26,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from training.collator import IGNORE_INDEX, TrainingCollator
+from training.collator import IGNORE_INDEX, TrainingCollator, plain_model_inputs
 from training.rl.losses import token_logprobs
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+NOT_MODEL_INPUTS = ("labels", "pair_index")   # the rest (the family's image inputs included) goes to the model
 REFERENCE_START = "start"     # the starting policy: the model as loaded (stage-2 LoRA on)
 REFERENCE_BASE = "base"       # the starting model with its LoRA disabled (base + safety modules)
 REFERENCES = (REFERENCE_START, REFERENCE_BASE)
@@ -81,7 +81,7 @@ def sequence_logps(forward: Callable, batch: dict[str, torch.Tensor]) -> tuple[t
 
     `forward` is the model or its DeepSpeed engine; the safety head is not run.
     """
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    inputs = plain_model_inputs({k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS})
     logits = forward(**inputs, run_head=False).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX

@@ -11,18 +11,22 @@ import torch
 from torch import nn
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from safety_modules.families.base import FamilyAdapter, VisionFeatures, register_family
+from safety_modules.families.base import VisionFeatures, register_family
+from safety_modules.families.llava import LlavaAdapter
 
 
-class LlavaNextAdapter(FamilyAdapter):
+class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
+    image_input_names = ("image_sizes",)
 
-    def image_features(self, model: nn.Module, pixel_values: torch.Tensor,
-                       image_sizes: torch.Tensor | None, feature_layer: int) -> VisionFeatures:
+    def image_features(self, model: nn.Module, pixel_values: torch.Tensor, image_inputs: dict,
+                       feature_layer: int) -> VisionFeatures:
+        image_sizes = image_inputs.get("image_sizes")
         if image_sizes is None:
-            raise ValueError("llava_next needs `image_sizes` (the processor returns them) to lay out its crops")
-        out = model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes,
-                                       output_hidden_states=True, return_dict=True)
+            raise ValueError(f"{model.config.model_type} needs `image_sizes` (the processor returns them) to lay "
+                             "out its crops")
+        out = model.get_image_features(pixel_values=pixel_values, output_hidden_states=True, return_dict=True,
+                                       **image_inputs)
         config = model.config
         crops = [
             image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
@@ -31,7 +35,8 @@ class LlavaNextAdapter(FamilyAdapter):
         ]
         first_crop = torch.tensor([0] + crops[:-1]).cumsum(0).to(pixel_values.device)
         hidden = out.hidden_states[feature_layer].index_select(0, first_crop)
-        return VisionFeatures(base=list(out.pooler_output), patches=self._select_patches(hidden, config))
+        return VisionFeatures(base=list(out.pooler_output), patches=self._select_patches(hidden, config),
+                              extras=[{"image_sizes": size} for size in image_sizes])
 
 
 register_family(LlavaNextAdapter())

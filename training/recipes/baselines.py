@@ -33,6 +33,7 @@ import torch.distributed as dist
 from safety_modules import has_lora, load_adapter
 from safety_modules.configio import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
 from safety_modules.loading import load_base
+from safety_modules.prompting import encode_batch
 from training.config import DataConfig, ModelSpec, TrainConfig, resolve_base_path, run_section
 from training.engine import TrainingDiverged, all_reduce, is_main
 from training.recipes import write_json
@@ -219,14 +220,11 @@ def answer_accuracy(model, rows, batch_size: int, max_new_tokens: int, *, device
     model.eval()
     for start in range(0, per_rank, batch_size):
         batch_rows = [rows[j] for j in mine[start:start + batch_size]]
-        enc = processor(images=[load_image(r["image"]) for r in batch_rows],
-                        text=[build_prompt(processor, r["question"]) for r in batch_rows],
-                        return_tensors="pt", padding="longest", padding_side="left")
-        image_sizes = enc.get("image_sizes")
-        new = model.generate(enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                             pixel_values=enc["pixel_values"].to(device, dtype),
-                             image_sizes=None if image_sizes is None else image_sizes.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+        enc = encode_batch(processor, [load_image(r["image"]) for r in batch_rows],
+                           [build_prompt(processor, r["question"]) for r in batch_rows],
+                           return_tensors="pt", padding="longest", padding_side="left")
+        inputs = {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in enc.items()}
+        new = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                              temperature=None, top_p=None, top_k=None, synced_gpus=synced_gpus)
         answers = tokenizer.batch_decode(new, skip_special_tokens=True)
         for k, (row, answer) in enumerate(zip(batch_rows, answers)):

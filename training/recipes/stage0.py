@@ -12,16 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from safety_modules.loading import load_base
-from training.collator import TrainingCollator
+from training.collator import TrainingCollator, plain_model_inputs
 from training.config import Stage0Config, resolve_base_path
 from training.engine import Trainer, is_main
 from training.recipes import load_training_records, measured_before, response_lm_metrics, save_run_config, write_json
 
-PLAIN_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "labels")
-
-
 def _plain(batch):
-    return {k: v for k, v in batch.items() if k in PLAIN_INPUTS}
+    return plain_model_inputs(batch)
 
 
 def stage0_loss(engine, batch, lm_num_items):

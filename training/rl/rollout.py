@@ -105,7 +105,7 @@ def sample(policy: PolicyWithValue, batch: dict[str, torch.Tensor], tokenizer, m
     rank must run the same number of forward passes while the parameters are gathered).
     """
     model = policy.model
-    images = model.encode_images(batch["pixel_values"], batch.get("image_sizes"))
+    images = model.encode_images(**model.image_inputs(batch))
     gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
                       eos_token_id=tokenizer.eos_token_id)
     if do_sample:
@@ -130,10 +130,7 @@ def select(rollout: Rollout, index: torch.Tensor | list[int]) -> Rollout:
     """The rows `index` of a rollout (a PPO minibatch); vision features are reused, not recomputed."""
     idx = torch.as_tensor(index, dtype=torch.long)
     rows = idx.tolist()
-    images = EncodedImages(
-        vision=type(rollout.images.vision)(base=[rollout.images.vision.base[i] for i in rows],
-                                           patches=rollout.images.vision.patches[idx.to(rollout.images.vision.patches.device)]),
-        safety_features=rollout.images.safety_features[idx.to(rollout.images.safety_features.device)])
+    images = rollout.images.select(rows)
     dev = rollout.input_ids.device
     return Rollout(input_ids=rollout.input_ids[idx.to(dev)], attention_mask=rollout.attention_mask[idx.to(dev)],
                    response=rollout.response[idx.to(dev)], response_mask=rollout.response_mask[idx.to(dev)],

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from safety_modules.configio import ConfigError
 from safety_modules.images import MAX_IMAGE_PIXELS, load_image
-from safety_modules.prompting import build_prompt
+from safety_modules.prompting import build_prompt, encode_batch
 from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.engine import (TrainingDiverged, all_reduce, deepspeed_config, gpu_memory, import_deepspeed,
@@ -159,12 +159,9 @@ class PromptCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images = [load_image(row["image"], self.max_image_pixels) for row in rows]
         texts = [build_prompt(self.processor, row["question"]) for row in rows]
-        enc = self.processor(images=images, text=texts, return_tensors="pt", padding="longest", padding_side="left")
-        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                 "pixel_values": enc["pixel_values"]}
-        if "image_sizes" in enc:
-            batch["image_sizes"] = enc["image_sizes"]
-        return batch
+        # every processor output by name: each family's image inputs travel with the pixels
+        return dict(encode_batch(self.processor, images, texts, return_tensors="pt", padding="longest",
+                                 padding_side="left"))
 
 
 # -- collectives ---------------------------------------------------------------------------------
