@@ -23,14 +23,8 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from safety_modules.configio import ConfigError
-from safety_modules.images import use_square_padding
-from safety_modules.prompting import CONVERSATIONS, build_prompt, encode_batch, use_conversation
-
-# How images reach the model: the processor's own preprocessing, or LLaVA-1.5's padding to a square.
-PROCESSOR_PREPROCESS = "processor"
-PAD_TO_SQUARE = "pad_to_square"
-IMAGE_PREPROCESS = (PROCESSOR_PREPROCESS, PAD_TO_SQUARE)
-CONVERSATION_NAMES = ("", *CONVERSATIONS)          # "": the processor's own chat template
+from safety_modules.input_format import PROCESSOR_PREPROCESS
+from safety_modules.prompting import build_prompt, encode_batch
 
 
 @dataclass
@@ -221,17 +215,6 @@ class SafetyRunner(ModelRunner):
 RUNNERS: dict[str, type[ModelRunner]] = {"hf": HFRunner, "safevlm": SafetyRunner}
 
 
-def configure_input(processor, image_preprocess: str = PROCESSOR_PREPROCESS, conversation: str = ""):
-    """Apply the input settings of `load_runner` to a processor (before an adapter copies it)."""
-    if image_preprocess not in IMAGE_PREPROCESS:
-        raise ValueError(f"image_preprocess: must be one of {list(IMAGE_PREPROCESS)}, got {image_preprocess!r}")
-    if image_preprocess == PAD_TO_SQUARE:
-        use_square_padding(processor)
-    if conversation:
-        use_conversation(processor, conversation)
-    return processor
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -259,8 +242,8 @@ def load_runner(model: str, adapter: str | Path | None = None, kind: str = "auto
     device = device or default_device()
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    base, processor = load_base(model, dtype=dtype, device=device, seed=seed)
-    configure_input(processor, image_preprocess, conversation)
+    base, processor = load_base(model, dtype=dtype, device=device, seed=seed, image_preprocess=image_preprocess,
+                                conversation=conversation)
     if model in TINY_SPECS:
         base_fp = f"{model}:seed{seed}:{tensor_fingerprint(base)}"
     else:

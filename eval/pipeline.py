@@ -18,10 +18,10 @@ from eval.distributed import DistContext
 from eval.generation import GenerationResult, answer_items
 from eval.judge_check import check_answers, judge_accuracy
 from eval.labeling import Labeler, build_labelers
-from eval.models import (CONVERSATION_NAMES, IMAGE_PREPROCESS, PROCESSOR_PREPROCESS, GenerationSettings,
-                         ModelRunner)
+from eval.models import GenerationSettings, ModelRunner
 from eval.report import write_results
 from safety_modules.configio import ConfigError, to_dict
+from safety_modules.input_format import CONVERSATION_NAMES, IMAGE_PREPROCESS, PROCESSOR_PREPROCESS
 
 
 @dataclass

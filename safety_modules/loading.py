@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from safety_modules.input_format import PROCESSOR_PREPROCESS, configure_input
 from safety_modules.tiny_families import tiny_families
 
 TINY_PREFIX = "tiny-"
@@ -30,8 +31,11 @@ def _shape_device() -> str:
 
 
 def load_base(spec: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-              seed: int = 0, **tiny_sizes: int):
-    """(model, processor) for `spec`; the model is in eval mode."""
+              seed: int = 0, image_preprocess: str = PROCESSOR_PREPROCESS, conversation: str = "",
+              **tiny_sizes: int):
+    """(model, processor) for `spec`; the model is in eval mode. `image_preprocess` and
+    `conversation` format its inputs (see `safety_modules.input_format`), for training and
+    evaluation alike."""
     if spec in TINY_LLAVA_SPECS:
         from safety_modules.tiny import build_tiny_llava
         model, processor = build_tiny_llava(seed=seed, family=TINY_SPECS[spec], **tiny_sizes)
@@ -68,4 +72,4 @@ def load_base(spec: str, dtype: torch.dtype | None = None, device: str | torch.d
     if device is not None:
         model = model.to(device)
     model.eval()
-    return model, processor
+    return model, configure_input(processor, image_preprocess, conversation)

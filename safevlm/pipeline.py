@@ -75,8 +75,6 @@ class EvalSection:
     limit: int = 0                      # > 0: only the first N images per split (quick runs)
     protocol: Literal["measurement", "rlhf-test"] = "measurement"   # see eval.benchmarks.protocols
     safe_data: str = ""                 # safe-image folder (metadata.json + images); "": none, false refusal unmeasured
-    image_preprocess: Literal["processor", "pad_to_square"] = "processor"   # pad_to_square: LLaVA-1.5's own
-    conversation: Literal["", "llava_v1"] = ""       # "": the processor's chat template; llava_v1: the original's
 
 
 @dataclass
@@ -256,7 +254,7 @@ def _evaluate_split(cfg: PipelineConfig, adapter: str | None, split: str, out: P
     from eval.pipeline import EvalConfig, run_unsafeconcepts
     ctx = ctx or from_env()
     runner = load_runner(cfg.base_model, adapter, device=ctx.device(), seed=cfg.model.seed,
-                         image_preprocess=cfg.eval.image_preprocess, conversation=cfg.eval.conversation)
+                         image_preprocess=cfg.model.image_preprocess, conversation=cfg.model.conversation)
     ecfg = EvalConfig(generation=GenerationSettings(greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
                                                     seed=cfg.seed),
                       batch_size=cfg.eval.batch_size)

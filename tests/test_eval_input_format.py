@@ -138,7 +138,25 @@ def test_the_llava_1_5_configs_pad_images_as_the_original(tmp_path):
     from safety_modules.configio import ConfigError
 
     for name in ("llava-1.5-7b.yaml", "llava-1.5-7b-shape.yaml"):
-        assert load_pipeline_config(REPO / "configs" / name).eval.image_preprocess == "pad_to_square", name
-    assert load_pipeline_config(REPO / "configs" / "tiny.yaml").eval.image_preprocess == "processor"
-    with pytest.raises(ConfigError, match="eval.conversation: expected one of"):
-        load_pipeline_config(REPO / "configs" / "tiny.yaml", ["eval.conversation=vicuna"])
+        assert load_pipeline_config(REPO / "configs" / name).model.image_preprocess == "pad_to_square", name
+    assert load_pipeline_config(REPO / "configs" / "tiny.yaml").model.image_preprocess == "processor"
+    with pytest.raises(ConfigError, match="model.conversation: expected one of"):
+        load_pipeline_config(REPO / "configs" / "tiny.yaml", ["model.conversation=vicuna"])
+
+
+def test_training_stages_see_the_same_input_format_as_evaluation():
+    """The model section's input settings reach every recipe's base: training pads images and
+    formats prompts exactly as the evaluation of its adapter does."""
+    from safevlm.pipeline import _recipe_config, load_pipeline_config
+
+    cfg = load_pipeline_config(REPO / "configs" / "tiny.yaml", ["model.image_preprocess=pad_to_square",
+                                                                  "model.conversation=llava_v1"])
+    runner = load_runner("tiny", device="cpu", image_preprocess="pad_to_square", conversation="llava_v1")
+    image = _edge_marker_image()
+    evaluated = runner.processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    for stage in ("stage1", "stage2", "ppo", "sft", "dpo"):
+        spec = _recipe_config(cfg, stage).model
+        _, processor = spec.load("tiny")
+        trained = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+        assert torch.equal(trained, evaluated), stage
+        assert build_prompt(processor, QUESTION) == runner.format_prompt(QUESTION), stage

@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from safety_modules.config import SafetyConfig
 from safety_modules.configio import ConfigError, from_dict, merge, parse_overrides, read_yaml
 from safety_modules.images import MAX_IMAGE_PIXELS
+from safety_modules.input_format import CONVERSATION_NAMES, IMAGE_PREPROCESS, PROCESSOR_PREPROCESS
+from safety_modules.loading import load_base
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -31,6 +33,14 @@ class ModelSpec:
 
     path: str = "tiny"
     seed: int = 0                        # weight seed of the tiny models (ignored for folders)
+    # How its inputs are formatted, in training and evaluation alike (safety_modules/input_format.py):
+    image_preprocess: Literal[IMAGE_PREPROCESS] = PROCESSOR_PREPROCESS   # pad_to_square: LLaVA-1.5's own
+    conversation: Literal[CONVERSATION_NAMES] = ""   # "": the processor's chat template; llava_v1: the original's
+
+    def load(self, path: str | None = None, **kwargs):
+        """(model, processor) of this spec (or of `path` with this spec's seed and input settings)."""
+        return load_base(path or self.path, seed=self.seed, image_preprocess=self.image_preprocess,
+                         conversation=self.conversation, **kwargs)
 
 
 @dataclass
@@ -199,6 +209,13 @@ def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def as_model_spec(model: Any) -> ModelSpec:
+    """A ModelSpec from a spec, or from anything with `.path` and `.seed` (input settings default)."""
+    if isinstance(model, ModelSpec):
+        return dataclasses.replace(model)
+    return ModelSpec(path=model.path, seed=model.seed)
+
+
 def stage_config(stage: str, section: Any, *, run_dir: str | Path, seed: int = 0, model: Any = None,
                  safety: SafetyConfig | None = None):
     """The recipe config of `stage` from a parsed section and the run's shared settings.
@@ -212,7 +229,7 @@ def stage_config(stage: str, section: Any, *, run_dir: str | Path, seed: int = 0
     values["run_dir"] = str(Path(run_dir) / stage)
     values["seed"] = seed
     if model is not None:
-        values["model"] = ModelSpec(path=model.path, seed=model.seed)
+        values["model"] = as_model_spec(model)
     if safety is not None and "safety" in _field_names(cls):
         values["safety"] = safety
     return cls(**values)

@@ -32,9 +32,8 @@ import torch.distributed as dist
 
 from safety_modules import has_lora, load_adapter
 from safety_modules.configio import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
-from safety_modules.loading import load_base
 from safety_modules.prompting import encode_batch
-from training.config import DataConfig, ModelSpec, TrainConfig, resolve_base_path, run_section
+from training.config import DataConfig, ModelSpec, TrainConfig, as_model_spec, resolve_base_path, run_section
 from training.engine import TrainingDiverged, all_reduce, is_main
 from training.recipes import write_json
 from training.records import RecordSet
@@ -101,7 +100,7 @@ def baseline_config(cls: type, section: Any, *, run_dir: str | Path, seed: int =
     values = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
     values.update(run_dir=str(run_dir), seed=seed)
     if model is not None:
-        values["model"] = ModelSpec(path=model.path, seed=model.seed)
+        values["model"] = as_model_spec(model)
     return cls(**values)
 
 
@@ -124,10 +123,10 @@ def baseline_base(cfg) -> ModelSpec:
     never put on a different base of the same shape); else the `model` section.
     """
     if cfg.init_from:
-        return ModelSpec(path=resolve_base_path(cfg), seed=cfg.model.seed)
+        return dataclasses.replace(cfg.model, path=resolve_base_path(cfg))
     recorded = stage2_adapter_path(cfg).parent / "config.json"
     if not recorded.is_file():
-        return ModelSpec(path=cfg.model.path, seed=cfg.model.seed)
+        return dataclasses.replace(cfg.model)
     try:
         stage2 = json.loads(recorded.read_text())
         spec = SimpleNamespace(init_from=stage2.get("init_from", ""), run_dir=stage2["run_dir"],
@@ -135,7 +134,7 @@ def baseline_base(cfg) -> ModelSpec:
         seed = int(stage2["model"].get("seed", 0))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{recorded}: cannot read the stage-2 run's base from it ({exc!r}); set init_from") from None
-    return ModelSpec(path=resolve_base_path(spec), seed=seed)
+    return dataclasses.replace(cfg.model, path=resolve_base_path(spec), seed=seed)
 
 
 def baseline_base_path(cfg) -> str:
@@ -150,7 +149,7 @@ def build_baseline_model(cfg):
         raise FileNotFoundError(f"adapter: stage-2 adapter folder {adapter} not found (run stage 2 first, or "
                                 "set adapter=DIR)")
     spec = baseline_base(cfg)
-    base, processor = load_base(spec.path, seed=spec.seed)
+    base, processor = spec.load()
     model = load_adapter(base, adapter, processor, trainable=True)
     if not has_lora(model):
         raise ValueError(f"adapter: {adapter} holds no LoRA (a stage-1 adapter?); SFT, DPO and PPO train the "

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from safety_modules.loading import load_base
 from training.collator import TrainingCollator, plain_model_inputs
 from training.config import Stage0Config, resolve_base_path
 from training.engine import Trainer, is_main
@@ -32,7 +31,7 @@ def lm_metrics(engine, batch):
 
 def build_stage0_model(cfg: Stage0Config):
     """(plain base, processor), every weight trainable."""
-    model, processor = load_base(resolve_base_path(cfg), seed=cfg.model.seed)
+    model, processor = cfg.model.load(resolve_base_path(cfg))
     model.requires_grad_(True)
     return model, processor
 

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from safety_modules import attach
-from safety_modules.loading import load_base
 from training.collator import TrainingCollator
 from training.config import Stage1Config, resolve_base_path
 from training.engine import Trainer
@@ -34,7 +33,7 @@ def head_metrics(engine, batch):
 
 def build_stage1_model(cfg: Stage1Config):
     """The base with fresh safety modules attached (base frozen, modules trainable)."""
-    base, processor = load_base(resolve_base_path(cfg), seed=cfg.model.seed)
+    base, processor = cfg.model.load(resolve_base_path(cfg))
     torch.manual_seed(cfg.seed)
     return attach(base, cfg.safety, processor)
 

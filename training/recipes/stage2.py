@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from safety_modules import add_lora, has_lora, load_adapter
-from safety_modules.loading import load_base
 from training.collator import TrainingCollator
 from training.config import Stage2Config, resolve_adapter_path, resolve_base_path
 from training.engine import Trainer
@@ -34,7 +33,7 @@ def stage2_loss(engine, batch, lm_num_items):
 
 def build_stage2_model(cfg: Stage2Config):
     """Base + stage-1 adapter (trainable) + LoRA, with the stage's trainable set."""
-    base, processor = load_base(resolve_base_path(cfg), seed=cfg.model.seed)
+    base, processor = cfg.model.load(resolve_base_path(cfg))
     adapter = resolve_adapter_path(cfg)
     if not adapter.is_dir():
         raise FileNotFoundError(f"adapter: stage-1 adapter folder {adapter} not found (run stage 1 first, or "
