@@ -120,9 +120,12 @@ def fingerprint(model: nn.Module) -> dict[str, object]:
 
 
 # The fingerprint's config fields and the JSON types they must have.
-FINGERPRINT_FIELDS: dict[str, type] = {"model_type": str, "vision_hidden_size": int, "vision_image_size": int,
-                                       "vision_patch_size": int, "text_hidden_size": int, "text_num_layers": int,
-                                       "vocab_size": int, "image_token_id": int}
+# The vision tower's image and patch sizes are a list for rectangular sizes and null for towers of
+# dynamic resolution (Qwen, Pixtral).
+SIZE = (int, list, type(None))
+FINGERPRINT_FIELDS: dict[str, tuple[type, ...]] = {
+    "model_type": (str,), "vision_hidden_size": (int,), "vision_image_size": SIZE, "vision_patch_size": SIZE,
+    "text_hidden_size": (int,), "text_num_layers": (int,), "vocab_size": (int,), "image_token_id": (int,)}
 
 
 def _check_finite_tensors(tensors: dict[str, torch.Tensor], where: Path) -> None:
@@ -189,15 +192,26 @@ def read_adapter_config(directory: str | Path) -> dict:
     return meta
 
 
+def _field_type_ok(value: object, kinds: tuple[type, ...]) -> bool:
+    """A JSON value of one of `kinds` (bool is not an int; a list must hold ints only)."""
+    if value is None:
+        return type(None) in kinds
+    if isinstance(value, list):
+        return list in kinds and bool(value) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return not isinstance(value, bool) and isinstance(value, tuple(k for k in kinds if k not in (list, type(None))))
+
+
 def _check_fingerprint_fields(found, path: Path, version: int) -> None:
     if not isinstance(found, dict) or not found:
         raise AdapterError(f"{path}: field 'fingerprint' is empty or not an object ({found!r})")
-    for key, kind in FINGERPRINT_FIELDS.items():
-        value = found.get(key)
-        if value is None:
+    for key, kinds in FINGERPRINT_FIELDS.items():
+        if key not in found:
             raise AdapterError(f"{path}: field 'fingerprint.{key}' is missing")
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise AdapterError(f"{path}: field 'fingerprint.{key}' is {value!r}, expected {kind.__name__}")
+        value = found[key]
+        if not _field_type_ok(value, kinds):
+            names = " or ".join("null" if k is type(None) else ("list of int" if k is list else k.__name__)
+                                for k in kinds)
+            raise AdapterError(f"{path}: field 'fingerprint.{key}' is {value!r}, expected {names}")
     unknown = sorted(set(found) - set(FINGERPRINT_FIELDS) - {WEIGHTS_HASH})
     if unknown:
         raise AdapterError(f"{path}: field 'fingerprint.{unknown[0]}' is not a fingerprint field")
