@@ -202,12 +202,16 @@ class SafetyVLM(nn.Module):
         return embeds.masked_scatter(placeholders.unsqueeze(-1), fill)
 
     def llm_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   images: EncodedImages | None) -> dict:
-        """`inputs_embeds` and the family's extra model inputs (the safety slots typed as text)."""
+                   images: EncodedImages | None, prompt_mask: torch.Tensor | None = None) -> dict:
+        """`inputs_embeds` and the family's extra model inputs (the safety slots typed as text).
+
+        `prompt_mask`: the prompt's positions, the rest being response (None: all prompt); what a
+        prefix-LM family's model must be told.
+        """
         embeds = self.build_inputs_embeds(input_ids, images)
         image_positions = self.placeholder_mask(input_ids) & ~self.slot_mask(input_ids, images)
         extra = self.family.llm_inputs(self.plain_model, input_ids, attention_mask, image_positions,
-                                       images.vision if images is not None else None)
+                                       images.vision if images is not None else None, prompt_mask)
         return {"inputs_embeds": embeds, **extra}
 
     def _split_inputs(self, image_sizes: torch.Tensor | None, kwargs: dict) -> dict:
@@ -251,22 +255,24 @@ class SafetyVLM(nn.Module):
                 **llm_kwargs) -> SafetyOutput:
         """The base model's forward with the safety modules active.
 
-        The head reads the prompt only: positions with a label (the response) are excluded unless
-        `prompt_mask` says otherwise. `run_llm=False` skips the LLM (stage 1, the guard);
-        total loss = LM loss + loss_weight * (CE(level) + CE(risk type)).
+        `prompt_mask` (bool, batch x seq): the prompt; by default the positions without a label, the
+        response being what is labelled (without labels: all prompt). The head reads the prompt only,
+        and a prefix-LM family attends within it bidirectionally: a caller scoring a
+        response without labels (PPO, DPO) passes it. `run_llm=False` skips the LLM (stage 1, the
+        guard); total loss = LM loss + loss_weight * (CE(level) + CE(risk type)).
         """
         image_inputs = self._split_inputs(image_sizes, llm_kwargs)
         if images is None and pixel_values is not None:
             batch = {"input_ids": input_ids, "pixel_values": pixel_values, **image_inputs}
             images = self.encode_images(**self.image_inputs(batch))
+        if prompt_mask is None and labels is not None:
+            prompt_mask = labels == -100
         out = SafetyOutput()
         if run_head:
-            if prompt_mask is None and labels is not None:
-                prompt_mask = labels == -100
             out.safety_logits, out.risk_logits = self.head_logits(input_ids, attention_mask, images, prompt_mask)
             out.safety_loss = safety_loss(out.safety_logits, out.risk_logits, safety_labels, risk_labels)
         if run_llm:
-            inputs = self.llm_inputs(input_ids, attention_mask, images)
+            inputs = self.llm_inputs(input_ids, attention_mask, images, prompt_mask)
             llm_out = self.base(attention_mask=attention_mask, labels=labels, **inputs, **llm_kwargs)
             out.logits = llm_out.logits
             out.lm_loss = llm_out.loss

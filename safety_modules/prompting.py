@@ -9,6 +9,8 @@ original template, such as the original LLaVA-1.5's `llava_v1` with its system p
 
 from __future__ import annotations
 
+import inspect
+
 # The original LLaVA code's `conv_templates["llava_v1"]`: this system prompt, then turns
 # "USER: <message>" and "ASSISTANT: <message></s>" separated by a space, the image as "<image>\n"
 # in front of the first user message, and "ASSISTANT:" opening the answer.
@@ -49,12 +51,40 @@ def response_suffix(processor) -> str:
     return processor.tokenizer.eos_token or ""
 
 
-def encode_batch(processor, images: list, texts: list[str], **kwargs):
+def takes_suffix(processor) -> bool:
+    """Whether `processor` encodes a response apart from its prompt, as a `suffix` argument.
+
+    Why: a prefix-LM processor (PaliGemma's) appends any text it is given to the prompt, which
+    the model reads bidirectionally; only a suffix is typed as the response (and ends with EOS).
+    """
+    call = getattr(type(processor), "__call__", None)
+    return call is not None and "suffix" in inspect.signature(call).parameters
+
+
+def encode_batch(processor, images: list, texts: list[str], responses: list[str | None] | None = None,
+                 **kwargs):
     """`processor(images=..., text=...)` with one image per text, nested per sample.
 
     Why nested: Gemma 3's and Idefics3's processors read a flat list as one sample holding every
     image; a list of one-image lists means one image per sample for every family's processor.
+    `responses`: per text, the response that follows it (None: none), ended by `response_suffix`
+    (training text): appended to the text, or passed as the processor's suffix when it takes one.
+    Labels are the collator's: a processor's own (read off its token types) are dropped.
     """
     if len(images) != len(texts):
         raise ValueError(f"encode_batch: {len(images)} images for {len(texts)} texts (one image per text)")
-    return processor(images=[[image] for image in images], text=list(texts), **kwargs)
+    texts = list(texts)
+    if responses is not None and any(r is not None for r in responses):
+        if len(responses) != len(texts):
+            raise ValueError(f"encode_batch: {len(responses)} responses for {len(texts)} texts")
+        if takes_suffix(processor):
+            if any(r is None for r in responses):
+                raise ValueError(f"encode_batch: {type(processor).__name__} encodes responses as a suffix, one "
+                                 "per text; this batch mixes texts with and without a response")
+            kwargs["suffix"] = list(responses)  # the processor ends each with its EOS
+        else:
+            texts = [text if response is None else text + response + response_suffix(processor)
+                     for text, response in zip(texts, responses)]
+    encoded = processor(images=[[image] for image in images], text=texts, **kwargs)
+    encoded.pop("labels", None)
+    return encoded

@@ -331,6 +331,39 @@ def build_idefics3(tokenizer: PreTrainedTokenizerFast):
     return Idefics3ForConditionalGeneration(config), processor
 
 
+# -- PaliGemma --------------------------------------------------------------------------------------
+PALIGEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
+# No chat turns: the prompt is the image then the question; the processor writes <bos> after the
+# image and a newline after the prompt (the prefix), and the answer comes as its `suffix`.
+PALIGEMMA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}"
+)
+
+
+def _paligemma_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tiny_tokenizer(special_tokens=PALIGEMMA_SPECIALS, image_token="<image>", unk_token="<unk>",
+                                bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def build_paligemma(tokenizer: PreTrainedTokenizerFast):
+    """PaliGemma 2 layout: SigLIP tower, one linear projector, a Gemma 2 text model."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    image_processor = SiglipImageProcessorPil(size={"height": TOWER_IMAGE, "width": TOWER_IMAGE})
+    image_processor.image_seq_length = (TOWER_IMAGE // TOWER_PATCH) ** 2
+    # the processor adds its location and segmentation tokens to the tokenizer: size the model after it
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                   chat_template=PALIGEMMA_TEMPLATE)
+    text = {"model_type": "gemma2", **_gemma_text(tokenizer)}
+    config = PaliGemmaConfig(text_config=text, vision_config=_siglip(projection_dim=TEXT_HIDDEN),
+                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"), projection_dim=TEXT_HIDDEN,
+                             hidden_size=TEXT_HIDDEN, tie_word_embeddings=False)
+    return PaliGemmaForConditionalGeneration(config), processor
+
+
 # family -> (tokenizer builder, model + processor builder)
 BUILDERS: dict[str, tuple[Callable[[], PreTrainedTokenizerFast], Callable]] = {
     "qwen2_vl": (_qwen_tokenizer, build_qwen2_vl),
@@ -339,6 +372,7 @@ BUILDERS: dict[str, tuple[Callable[[], PreTrainedTokenizerFast], Callable]] = {
     "llava_onevision": (lambda: _chatml_tokenizer(ONEVISION_SPECIALS, "<image>"), build_llava_onevision),
     "gemma3": (_gemma_tokenizer, build_gemma3),
     "idefics3": (_idefics_tokenizer, build_idefics3),
+    "paligemma": (_paligemma_tokenizer, build_paligemma),
     "internvl": (_internvl_tokenizer, build_internvl),
     "mistral3": (lambda: build_tiny_tokenizer(special_tokens=MISTRAL_SPECIALS, image_token="[IMG]"), build_mistral3),
 }

@@ -15,9 +15,12 @@ def greedy_by_full_forwards(model, batch: dict, new_tokens: int, suppress: list[
     """`new_tokens` greedy tokens per row of a left-padded `batch`, never choosing `suppress` ids."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     images = model.encode_images(**model.image_inputs(batch))
+    prompt_length = ids.shape[1]
     chosen = []
     for _ in range(new_tokens):
-        logits = model(input_ids=ids, attention_mask=mask, images=images, run_head=False).logits[:, -1].clone()
+        prompt = (torch.arange(ids.shape[1]) < prompt_length).expand_as(ids)  # the tokens chosen are response
+        logits = model(input_ids=ids, attention_mask=mask, images=images, prompt_mask=prompt,
+                       run_head=False).logits[:, -1].clone()
         logits[:, suppress] = float("-inf")
         token = logits.argmax(-1, keepdim=True)
         chosen.append(token)

@@ -5,7 +5,9 @@ loss equal those of the UNCHANGED model whose extra slots are ordinary tokens ca
 vectors (max difference 0); without the family's extra inputs the logits differ a lot (the negative
 control); greedy tokens are equal with KV cache and by full recomputation, and batched vs one at a time; reused
 vision features give the same tokens; gradients reach the safety tokens and nothing of the base;
-the guard's verdict is the forward's head output; collator labels decode to the answer + EOS.
+the guard's verdict is the forward's head output; collator labels decode to the answer + EOS, and a
+collated batch equals the unchanged model on it; PPO's scoring forward reads the response as
+generation did.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import torch
 
 from greedy import eos_ids, greedy_by_full_forwards
 from safety_modules import SafetyConfig, SafetyGuard, attach, build_prompt
-from safety_modules.prompting import encode_batch
+from safety_modules.prompting import encode_batch, takes_suffix
 from safety_modules.families import TOKEN_TYPE_NAMES
 from safety_modules.tiny_families import build_tiny_family, tiny_families
-from training.collator import IGNORE_INDEX, TrainingCollator
+from training.collator import IGNORE_INDEX, TrainingCollator, plain_model_inputs
 
 FAMILIES = tiny_families()
 CFG = SafetyConfig(num_safety_tokens=4, num_queries=4, projector_depth=1)
@@ -111,8 +113,8 @@ def test_logits_and_loss_equal_the_unchanged_model_with_ordinary_tokens(attached
     reference, ref_batch, _ = ordinary_token_reference(model, batch)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     labels[:, :-3] = -100
-    with torch.no_grad():
-        ours = model(**batch, labels=labels, run_head=False)
+    with torch.no_grad():  # labels only pick the compared loss: the whole sequence is prompt, as the processor typed it
+        ours = model(**batch, labels=labels, prompt_mask=batch["attention_mask"].bool(), run_head=False)
         theirs = reference(**ref_batch, labels=labels)
     real = batch["attention_mask"].bool()
     assert (ours.logits - theirs.logits)[real].abs().max().item() == 0
@@ -168,6 +170,26 @@ def test_batched_left_padding_equals_one_at_a_time(attached, images):
         assert torch.equal(together[i:i + 1], alone), f"sample {i} differs when batched"
 
 
+def test_ppo_scoring_reads_the_response_as_generation_did(attached, images):
+    """PPO scores prompt + answer in one forward, told where the response starts: a greedy rollout's
+    tokens are the argmax of the policy's own scores of them (a prefix-LM family would read the
+    answer bidirectionally without the span)."""
+    from training.rl.rollout import PolicyWithValue, sample
+
+    model, _ = attached
+    tokenizer = model.processor.tokenizer
+    policy = PolicyWithValue(model)
+    suppress = [image_token(model), tokenizer.pad_token_id] + eos_ids(model)
+    rollout = sample(policy, encode(model, images, QUESTIONS), tokenizer, NEW_TOKENS, temperature=1.0, top_p=1.0,
+                     do_sample=False, min_new_tokens=NEW_TOKENS, suppress_tokens=[tokenizer.pad_token_id])
+    assert bool(rollout.response_mask.all())
+    with torch.no_grad():
+        logits = policy(rollout.input_ids, rollout.attention_mask, rollout.images, rollout.prompt_len,
+                        with_value=False)["logits"].clone()
+    logits[..., suppress] = float("-inf")
+    assert torch.equal(logits.argmax(-1), rollout.response)
+
+
 def test_reused_image_features_give_the_same_tokens(attached, images):
     model, _ = attached
     batch = encode(model, images, QUESTIONS)
@@ -202,22 +224,31 @@ def test_guard_verdict_is_the_forward_head_output(attached, images):
     assert [v.level for v in verdicts] == out.safety_logits.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("which", ["attached", "plain"])
-def test_collator_labels_decode_to_the_answer_and_eos(attached, make_image, tmp_path, which):
-    model, plain = attached
-    processor = model.processor if which == "attached" else plain
-    answers = ["No, this image shows a weapon and is unsafe.", "Yes."]
+ANSWERS = ["No, this image shows a weapon and is unsafe.", "Yes."]
+
+
+def training_rows(make_image, tmp_path) -> list[dict]:
+    """Two training records of different lengths, their images written to `tmp_path`."""
     rows = []
-    for i, (size, answer) in enumerate(zip(SIZES, answers)):
+    for i, (size, answer) in enumerate(zip(SIZES, ANSWERS)):
         path = tmp_path / f"{i}.png"
         make_image(i, size).save(path)
         rows.append({"id": f"r{i}", "image": str(path), "question": QUESTIONS[i], "answer": answer,
                      "safety_level": i, "risk_type": i, "source": f"f:{i + 1}"})
-    batch = TrainingCollator(processor)(rows)
+    return rows
+
+
+@pytest.mark.parametrize("which", ["attached", "plain"])
+def test_collator_labels_decode_to_the_answer_and_eos(attached, make_image, tmp_path, which):
+    model, plain = attached
+    processor = model.processor if which == "attached" else plain
+    batch = TrainingCollator(processor)(training_rows(make_image, tmp_path))
     tok = processor.tokenizer
-    for i, answer in enumerate(answers):
+    for i, answer in enumerate(ANSWERS):
         target = batch["labels"][i][batch["labels"][i] != IGNORE_INDEX]
         assert tok.decode(target) == " " + answer + tok.eos_token
+    if takes_suffix(processor):  # a prefix-LM processor types exactly the response as its suffix
+        assert torch.equal(batch["token_type_ids"].bool(), batch["labels"] != IGNORE_INDEX)
     placeholders = batch["input_ids"] == image_token(model)
     assert placeholders.any() and bool((batch["labels"][placeholders] == IGNORE_INDEX).all())
     if which == "attached":
@@ -228,6 +259,21 @@ def test_collator_labels_decode_to_the_answer_and_eos(attached, make_image, tmp_
         with torch.no_grad():
             out = model.plain_model(**{k: v for k, v in batch.items() if k not in ("safety_labels", "risk_labels")})
         assert torch.isfinite(out.loss)
+
+
+def test_a_training_batch_equals_the_unchanged_model(attached, make_image, tmp_path):
+    """A collated (right-padded, answers labelled) batch through the wrapper equals the unchanged model
+    on it with ordinary-token slots: the response span the wrapper reads off the labels is the one
+    the processor typed (a prefix-LM processor's suffix)."""
+    model, _ = attached
+    batch = TrainingCollator(model.processor)(training_rows(make_image, tmp_path))
+    reference, ref_batch, _ = ordinary_token_reference(model, batch)
+    with torch.no_grad():
+        ours = model(**batch, run_head=False)
+        theirs = reference(**plain_model_inputs(ref_batch))
+    real = batch["attention_mask"].bool()
+    assert (ours.logits - theirs.logits)[real].abs().max().item() == 0
+    assert ours.lm_loss.item() == theirs.loss.item()
 
 
 # -- evaluation of the plain model --------------------------------------------------------------------

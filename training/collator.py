@@ -1,7 +1,8 @@
 """Batches of training records for any attached family (or a plain processor, for stage 0).
 
 Text of a sample: `build_prompt(processor, question) + " " + answer + eos` -- the one prompt format
-the guard, the evaluator and PPO use too. Padding is on the right (training). Labels are -100 on the
+the guard, the evaluator and PPO use too (a processor that takes the response as a `suffix` gets it
+so: `encode_batch`). Padding is on the right (training). Labels are -100 on the
 prompt (image placeholders included) and on padding, so the LM loss sees the response and its
 end-of-sequence token only; decoding the label positions gives back exactly " " + answer + eos.
 
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from safety_modules.images import MAX_IMAGE_PIXELS, load_image
-from safety_modules.prompting import build_prompt, encode_batch, response_suffix
+from safety_modules.prompting import build_prompt, encode_batch
 
 IGNORE_INDEX = -100
 # Processor outputs with one entry per token: cut together with input_ids under max_length.
@@ -52,20 +53,19 @@ class TrainingCollator:
         self.with_response = with_response
         self.max_length = max_length
         self.max_image_pixels = max_image_pixels
-        self.eos = response_suffix(processor)
 
-    def texts(self, row: dict[str, Any]) -> tuple[str, str]:
-        """(prompt, full training text) of one record."""
+    def texts(self, row: dict[str, Any]) -> tuple[str, str | None]:
+        """(prompt, response or None) of one record; `encode_batch` ends the response with EOS."""
         prompt = build_prompt(self.processor, row["question"])
         if not self.with_response or not row.get("answer"):
-            return prompt, prompt
-        return prompt, f"{prompt} {row['answer']}{self.eos}"
+            return prompt, None
+        return prompt, f" {row['answer']}"
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images = [load_image(row["image"], self.max_image_pixels) for row in rows]
-        prompts, texts = zip(*(self.texts(row) for row in rows))
-        enc = dict(encode_batch(self.processor, images, texts, return_tensors="pt", padding="longest",
-                                padding_side="right"))
+        prompts, responses = zip(*(self.texts(row) for row in rows))
+        enc = dict(encode_batch(self.processor, images, list(prompts), list(responses), return_tensors="pt",
+                                padding="longest", padding_side="right"))
         input_ids, attention_mask = enc.pop("input_ids"), enc["attention_mask"]
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         lengths = [self._prompt_length(input_ids[i], image, prompt, row)

@@ -82,7 +82,8 @@ def sequence_logps(forward: Callable, batch: dict[str, torch.Tensor]) -> tuple[t
     `forward` is the model or its DeepSpeed engine; the safety head is not run.
     """
     inputs = plain_model_inputs({k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS})
-    logits = forward(**inputs, run_head=False).logits[:, :-1]
+    # the response span without the labels (a prefix-LM family attends within the prompt both ways)
+    logits = forward(**inputs, prompt_mask=batch["labels"] == IGNORE_INDEX, run_head=False).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     logps = (token_logprobs(logits, labels.clamp(min=0)) * mask).sum(dim=1)

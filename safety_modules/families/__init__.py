@@ -8,6 +8,7 @@ from safety_modules.families import (  # noqa: F401  (registration side effect)
     llava_next,
     llava_onevision,
     mistral3,
+    paligemma,
     qwen2_vl,
 )
 from safety_modules.families.base import (

@@ -9,7 +9,8 @@ in a few hooks, and this adapter is the only place that knows a family:
 - `image_features`: the model's own features per image, and patch features on a fixed grid for
   the safety projector (dynamic-resolution towers are resampled to `patch_grid`).
 - `llm_inputs`: the extra model inputs computed from the sequence (M-RoPE position ids, token
-  types, the model's own encoder outputs), with the safety slots typed as text.
+  types, the model's own encoder outputs), with the safety slots typed as text; it is also where
+  the prompt/response span reaches the model (`prompt_mask`), for a prefix-LM family.
 - `prepare_generation`: what `generate(inputs_embeds=...)` needs that the model lacks.
 - `reserve`: how the processor lays out the safety slots: `k` placeholders in front of each image.
 
@@ -116,11 +117,15 @@ class FamilyAdapter:
 
     # -- the LLM's extra inputs ----------------------------------------------------------------
     def llm_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   image_positions: torch.Tensor, vision: VisionFeatures | None) -> dict:
+                   image_positions: torch.Tensor, vision: VisionFeatures | None,
+                   prompt_mask: torch.Tensor | None = None) -> dict:
         """Extra keyword inputs of the unchanged model's forward and generate, beyond `inputs_embeds`.
 
         image_positions: bool (batch, seq), the positions holding image features (the safety slots
         are NOT among them: they are typed as text).
+        prompt_mask: bool (batch, seq), the prompt's positions (image, safety slots and question);
+        the rest is response. None: the whole sequence is prompt (generation starts there). Only a
+        prefix-LM family, whose prompt attends bidirectionally, needs it.
         """
         return {}
 

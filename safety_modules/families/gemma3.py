@@ -49,7 +49,8 @@ class Gemma3Adapter(FamilyAdapter):
         return VisionFeatures(base=list(out.pooler_output), patches=patches, extras=[{} for _ in out.pooler_output])
 
     def llm_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   image_positions: torch.Tensor, vision: VisionFeatures | None) -> dict:
+                   image_positions: torch.Tensor, vision: VisionFeatures | None,
+                   prompt_mask: torch.Tensor | None = None) -> dict:
         """`token_type_ids`: the image positions (bidirectional within an image); slots are text."""
         return {"token_type_ids": image_positions.long() * IMAGE_TYPE}
 

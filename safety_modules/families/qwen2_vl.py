@@ -57,7 +57,8 @@ class Qwen2VLAdapter(FamilyAdapter):
         return {}
 
     def llm_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   image_positions: torch.Tensor, vision: VisionFeatures | None) -> dict:
+                   image_positions: torch.Tensor, vision: VisionFeatures | None,
+                   prompt_mask: torch.Tensor | None = None) -> dict:
         """3-D M-RoPE `position_ids` from the sequence, the safety slots counted as text."""
         token_types = image_positions.long() * IMAGE_TYPE
         grid_thw = torch.stack([e["image_grid_thw"] for e in vision.extras]) if vision is not None else None
@@ -103,8 +104,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return {DEEPSTACK: [layer[index] for layer in encoder_output.deepstack_features]}
 
     def llm_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   image_positions: torch.Tensor, vision: VisionFeatures | None) -> dict:
-        inputs = super().llm_inputs(model, input_ids, attention_mask, image_positions, vision)
+                   image_positions: torch.Tensor, vision: VisionFeatures | None,
+                   prompt_mask: torch.Tensor | None = None) -> dict:
+        inputs = super().llm_inputs(model, input_ids, attention_mask, image_positions, vision, prompt_mask)
         if vision is not None:
             from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 

@@ -52,10 +52,14 @@ class PolicyWithValue(nn.Module):
         """Logits (and values) at the positions that predict the response tokens.
 
         Only those positions' logits are computed (`logits_to_keep`): the (T, vocab) logits of the
-        prompt and image tokens would be the largest tensor of a 7B forward and are never used.
+        prompt and image tokens would be the largest tensor of a 7B forward and are never used. The
+        response span goes to the model as `prompt_mask` (a prefix-LM family attends within the
+        prompt both ways, within the response causally).
         """
         keep = input_ids.shape[1] - response_start + 1
-        out = self.model(input_ids, attention_mask, images=images, run_head=False,
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        prompt_mask = (positions < response_start).expand_as(input_ids)
+        out = self.model(input_ids, attention_mask, images=images, run_head=False, prompt_mask=prompt_mask,
                          output_hidden_states=with_value, logits_to_keep=keep)
         logits = out.logits[:, -keep:-1]
         result = {"logits": logits}
