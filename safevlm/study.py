@@ -29,6 +29,7 @@ import numpy as np
 from eval.headline import METRICS, Cell, concept_cells, read_evaluation
 from safety_modules.fileio import write_json_atomic, write_text_atomic
 from safevlm.pipeline import PipelineConfig, run_pipeline
+from safevlm.summary import sentence
 from training.world.build import HELD_OUT_OF
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ def _markdown(summary: dict) -> str:
              "by the judge classifier (never the PPO reward classifier).", ""]
     for split, methods in summary["estimates"].items():
         metrics = [m for m in METRICS if any(m in v for v in methods.values())]
-        lines += [f"## {split}", "", summary["held_out_of"].get(split, ""), "",
+        lines += [f"## {split}", "", sentence(summary["held_out_of"].get(split, "")), "",
                   "| method | " + " | ".join(METRICS[m] for m in metrics) + " |",
                   "| --- |" + " --- |" * len(metrics)]
         for method, values in methods.items():

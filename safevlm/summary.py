@@ -75,6 +75,13 @@ def _stage1_head(root: Path) -> dict[str, float | None]:
     return out
 
 
+def sentence(text: str) -> str:
+    """`text` as a sentence: first letter upper-case (the rest untouched: names like PPO stay), a full stop."""
+    if not text:
+        return ""
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
 def _selection_lines(root: Path) -> list[str]:
     """The hyperparameters chosen on the validation split, with every trial's criterion."""
     rows = []
@@ -150,7 +157,7 @@ def write_pipeline_report(root: Path, out: Path, splits: list[str], data: str | 
              "PPO reward classifier). Accuracies exclude NA answers unless the column says otherwise.", ""]
     rows = []
     for split, variants in results["splits"].items():
-        lines += [f"## {split}", ""] + ([held_out_of[split].capitalize() + ".", ""] if split in held_out_of else [])
+        lines += [f"## {split}", ""] + ([sentence(held_out_of[split]), ""] if split in held_out_of else [])
         lines += ["| model | " + " | ".join(label for _, label in COLUMNS) + " |",
                   "| --- |" + " --- |" * len(COLUMNS)]
         for name, numbers in variants.items():
