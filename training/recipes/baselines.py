@@ -6,12 +6,13 @@ how they use the same prompts and labels. The stage-2 adapter (safety modules + 
 trainable; the LoRA and the LLM-side safety tokens are trained, the safety head, its tokens and the
 projector stay as stage 2 left them (these losses never reach the head).
 
-Why a held-out slice: the issue asks to tune each baseline fairly on the training split only (the
+Why a held-out slice: each baseline must be tuned fairly without reading an evaluation split (the
 reference DPO's lr 2e-6 barely moved its model). `heldout_fraction` of the training records
 (seeded) is kept out of training; before/after metrics are reported on it and `sweep()` picks the
 setting that does best there: most greedy answers judged right by the rule-based check
 (`answer_accuracy`), ties broken by the method's own held-out loss. Nothing from the evaluation
-splits is ever read.
+splits is ever read. (A run with a validation split chooses in the pipeline instead, on that split,
+with the same criterion and budget for every method: `safevlm/selection.py`.)
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ when the reference was the LoRA-disabled trunk; the frozen start adds one copy o
 the safety tokens, not of the base). The value costs one linear layer and no extra forward
 (log-probs and values come from one pass, one backward trains both), and the vision tower runs
 once per rollout instead of once per model. At LLaVA-1.5-7B shape the weights
-dominate even more (three 7B trunks against one), which is where the issue's <= 0.4x target
+dominate even more (three 7B trunks against one), which is where the <= 0.4x memory target
 applies: `python bench/ppo_memory.py --device cuda --shape llava-1.5-7b` (not run here: no GPU was
 available to this work). A separate small critic would save little over the head (the trunk is
 already in memory) and would need its own vision features and tokenisation of the rollout. The
