@@ -16,8 +16,8 @@ import inspect
 # in front of the first user message, and "ASSISTANT:" opening the answer.
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-LLAVA_V1_CHAT_TEMPLATE = (
-    LLAVA_V1_SYSTEM + " "
+# LLaVA-1.5's conversation format (USER: ... ASSISTANT: ...); llava_v1 puts its system prompt first.
+LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: "
     "{% for item in message['content'] %}"
@@ -27,6 +27,7 @@ LLAVA_V1_CHAT_TEMPLATE = (
     "</s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+LLAVA_V1_CHAT_TEMPLATE = LLAVA_V1_SYSTEM + " " + LLAVA_CHAT_TEMPLATE
 CONVERSATIONS: dict[str, str] = {"llava_v1": LLAVA_V1_CHAT_TEMPLATE}
 
 

@@ -95,6 +95,13 @@ class FamilyAdapter:
                        feature_layer: int) -> VisionFeatures:
         raise NotImplementedError
 
+    def _pooled_features(self, model: nn.Module, pixel_values: torch.Tensor, feature_layer: int) -> VisionFeatures:
+        """Features of towers with one pooled output per image and no extras (Gemma 3, PaliGemma):
+        the model's own projected features, and the patches of `feature_layer`."""
+        out = model.get_image_features(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+        patches = self._select_patches(out.hidden_states[feature_layer], model.config)
+        return VisionFeatures(base=list(out.pooler_output), patches=patches, extras=[{} for _ in out.pooler_output])
+
     def image_inputs_from_ids(self, config, input_ids: torch.Tensor, num_safety_tokens: int) -> dict:
         """Image inputs read off the placeholder layout, for what the processor does not return."""
         return {}

@@ -25,9 +25,7 @@ class PaliGemmaAdapter(FamilyAdapter):
 
     def image_features(self, model: nn.Module, pixel_values: torch.Tensor, image_inputs: dict,
                        feature_layer: int) -> VisionFeatures:
-        out = model.get_image_features(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
-        patches = self._select_patches(out.hidden_states[feature_layer], model.config)
-        return VisionFeatures(base=list(out.pooler_output), patches=patches, extras=[{} for _ in out.pooler_output])
+        return self._pooled_features(model, pixel_values, feature_layer)
 
     def llm_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    image_positions: torch.Tensor, vision: VisionFeatures | None,
