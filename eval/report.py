@@ -23,6 +23,7 @@ from eval import plots
 from eval.benchmarks.protocols import RLHF_TEST
 from eval.metrics import CONVENTIONS, FALSE_REFUSAL_NOT_MEASURED, RTVLM_ASPECTS
 from eval.provenance import environment
+from safety_modules.fileio import write_json_atomic, write_text_atomic
 
 CONVENTION_NAMES = {"na_excluded": "NA excluded", "na_counted_wrong": "NA counted wrong"}
 
@@ -247,13 +248,14 @@ def write_results(out_dir: str | Path, results: dict, records: Sequence[Mapping]
     results.setdefault("environment", environment())
     paths = {"results": out / "results.json", "responses": out / "responses.jsonl",
              "metrics_csv": out / "metrics.csv", "table_csv": out / "table.csv", "markdown": out / "report.md"}
-    paths["results"].write_text(json.dumps(results, indent=2, ensure_ascii=False))
-    with paths["responses"].open("w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    # The answers first and results.json last, each whole or not at all: readers take a folder with
+    # results.json as a finished evaluation.
+    write_text_atomic(paths["responses"], "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
     if judge_records:
         paths["judge_check"] = out / "judge_check.jsonl"
-        paths["judge_check"].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in judge_records))
+        write_text_atomic(paths["judge_check"], "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                        for r in judge_records))
+    write_json_atomic(paths["results"], results, ensure_ascii=False)
     with paths["metrics_csv"].open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["metric", "value"])

@@ -42,11 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from safety_modules.configio import ConfigError
+from safety_modules.fileio import write_bytes_atomic
+from training.checkpoint import nonfinite_tensors
 from training.config import DataConfig, ModelSpec, TrainConfig
-from training.engine import is_main
+from training.engine import TrainingDiverged, is_main
 from training.recipes import export_adapter, load_training_records, measured_before, save_run_config, write_json
 from training.recipes.baselines import build_baseline_model, load_baseline_config, stage2_adapter_path
 from training.rl.reference import REFERENCE_KIND
@@ -157,9 +159,12 @@ def train_ppo(cfg: PPOConfig, policy: PolicyWithValue, resume: bool = False) -> 
     after = evaluate()
     adapter = export_adapter(trainer, policy.model, run_dir / "adapter")
     value_head = trainer.value_head_tensors()
+    bad = nonfinite_tensors(value_head)
+    if bad:
+        raise TrainingDiverged(f"ppo: value head tensors {bad} hold NaN/inf; {run_dir / VALUE_HEAD_FILE} not written")
     if is_main():
-        save_file(value_head, str(run_dir / VALUE_HEAD_FILE),
-                  metadata={"hidden_size": str(policy.value_head.proj.in_features)})
+        metadata = {"hidden_size": str(policy.value_head.proj.in_features)}
+        write_bytes_atomic(run_dir / VALUE_HEAD_FILE, safetensors_bytes(value_head, metadata=metadata))
     trainer.barrier()
     summary = {
         "stage": "ppo", "adapter": str(adapter), "value_head": str(run_dir / VALUE_HEAD_FILE),
