@@ -221,13 +221,14 @@ def default_device() -> str:
 
 def load_runner(model: str, adapter: str | Path | None = None, kind: str = "auto", device: str | None = None,
                 dtype: torch.dtype | None = None, seed: int = 0, image_preprocess: str = PROCESSOR_PREPROCESS,
-                conversation: str = "") -> ModelRunner:
+                conversation: str = "", strict_base: bool = False) -> ModelRunner:
     """A runner for a model spec ('tiny', 'tiny-next' or a local folder), with an optional adapter.
 
     kind 'auto' is 'safevlm' with an adapter and 'hf' without. bf16 on GPU, fp32 on CPU by default.
     `image_preprocess` 'pad_to_square' feeds images as the original LLaVA-1.5 did (padded to a square
     with the mean colour, not centre-cropped); `conversation` names an original prompt template
     (`safety_modules.prompting.CONVERSATIONS`, e.g. 'llava_v1'); '' keeps the processor's own.
+    `strict_base` refuses an adapter trained on a base with other weights (default: a warning).
     """
     from safety_modules.loading import TINY_SPECS, load_base
 
@@ -251,7 +252,7 @@ def load_runner(model: str, adapter: str | Path | None = None, kind: str = "auto
     if kind == "hf":
         return HFRunner(base, processor, base_fp, name=Path(model).name)
     from safety_modules.adapter_io import load_adapter
-    safe = load_adapter(base, adapter, processor).to(device)
+    safe = load_adapter(base, adapter, processor, strict_base=strict_base).to(device)
     safe.eval()
     fp = f"{base_fp}+adapter:{folder_fingerprint(adapter)}"
     return SafetyRunner(safe, fingerprint=fp, name=f"{Path(model).name}+{Path(adapter).name}")

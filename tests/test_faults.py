@@ -176,6 +176,19 @@ def test_an_adapter_on_a_base_with_other_weights_warns_or_is_refused(tiny_builde
         load_adapter(other, tmp_path / "a", processor, strict_base=True)
 
 
+def test_the_evaluation_runner_refuses_another_base_under_strict_base(tmp_path):
+    from eval.models import load_runner
+    from safety_modules import SafetyConfig, attach
+    from safety_modules.loading import load_base
+
+    base, processor = load_base("tiny", seed=0)
+    save_adapter(attach(base, SafetyConfig(num_safety_tokens=2, num_queries=4), processor), tmp_path / "a")
+    with pytest.warns(AdapterWarning, match="the base's weights differ"):
+        load_runner("tiny", tmp_path / "a", device="cpu", seed=1)
+    with pytest.raises(AdapterError, match="refused: strict_base"):
+        load_runner("tiny", tmp_path / "a", device="cpu", seed=1, strict_base=True)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda m: m.update(fingerprint={}), r"field 'fingerprint' is empty"),
     (lambda m: m["fingerprint"].pop("vocab_size"), r"field 'fingerprint.vocab_size' is missing"),

@@ -24,6 +24,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="base model folder, or 'tiny' / 'tiny-next' (default: tiny)")
     p.add_argument("--model-seed", type=int, default=0, help="seed of the tiny model (ignored for folders)")
     p.add_argument("--adapter", help="safety adapter folder (runs the model with the safety modules)")
+    p.add_argument("--strict-base", action="store_true",
+                   help="refuse an adapter whose base had other weights (default: a warning)")
     p.add_argument("--runner", default="auto", choices=["auto", "hf", "safevlm"],
                    help="auto: safevlm with --adapter, hf (the plain model) without")
     p.add_argument("--data", help="benchmark folder")
@@ -145,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ctx.device()
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     runner = load_runner(args.model, args.adapter, kind=args.runner, device=device, dtype=dtype, seed=args.model_seed,
-                         image_preprocess=cfg.image_preprocess, conversation=cfg.conversation)
+                         image_preprocess=cfg.image_preprocess, conversation=cfg.conversation,
+                         strict_base=args.strict_base)
     cache = False if args.no_cache else args.cache
     try:
         if args.benchmark == "unsafeconcepts":
