@@ -160,3 +160,25 @@ def test_reference_refuses_a_trainable_tensor_it_did_not_copy(setup, tmp_path): 
     score_tokens(policy, rollout)                           # a reference pass leaves the trainable set as it was
     assert lora_flags == {n: p.requires_grad for n, p in base.named_parameters() if "lora_" in n}
     assert base.active_adapter == "default"
+
+
+def test_a_second_ppo_run_on_the_same_folder_is_refused(setup, tmp_path):  # noqa: F811
+    """PPO's trainer takes the run folder's lock like the supervised engine, from Python too."""
+    import subprocess
+    import sys
+
+    from training import runlock
+
+    run_dir = tmp_path / "run"
+    cfg, policy = build_policy(setup, run_dir, max_steps=1)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from training import runlock; "
+                               "runlock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)",
+                               str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(runlock.RunLockError, match=f"in use by another run \\(pid {holder.pid} "):
+            trainer_for(cfg, policy)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not list(run_dir.glob("checkpoints/*"))

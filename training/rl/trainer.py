@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from safety_modules.configio import ConfigError
 from safety_modules.images import MAX_IMAGE_PIXELS, load_image
 from safety_modules.prompting import build_prompt, encode_batch
 from training import checkpoint as ckpt
+from training import runlock
 from training.config import TrainConfig
 from training.engine import (TrainingDiverged, all_reduce, deepspeed_config, gpu_memory, import_deepspeed,
                              init_distributed, is_main, load_latest_checkpoint, lr_schedule, truncate_metrics,
@@ -217,6 +219,10 @@ class PPOTrainer:
         self.records = list(records.dataset) if hasattr(records, "dataset") else list(records)
         self.train_cfg, self.rollout_spec, self.ppo = train, rollout, ppo
         self.run_dir, self.seed, self.name = Path(run_dir), seed, name
+        # One run per folder, as the supervised engine: a second run on it is refused before it writes.
+        lock = runlock.acquire(self.run_dir) if runlock.is_main_process() else None
+        if lock is not None:
+            weakref.finalize(self, lock.release)
         if train.global_batch_size or train.gradient_accumulation_steps != 1:
             raise ConfigError("train.global_batch_size / train.gradient_accumulation_steps: not used by PPO; the "
                               "batch is rollout.batch_size per process, split into algo.minibatches optimizer steps "
