@@ -95,12 +95,13 @@ class FamilyAdapter:
                        feature_layer: int) -> VisionFeatures:
         raise NotImplementedError
 
-    def _pooled_features(self, model: nn.Module, pixel_values: torch.Tensor, feature_layer: int) -> VisionFeatures:
-        """Features of towers with one pooled output per image and no extras (Gemma 3, PaliGemma):
-        the model's own projected features, and the patches of `feature_layer`."""
-        out = model.get_image_features(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
-        patches = self._select_patches(out.hidden_states[feature_layer], model.config)
-        return VisionFeatures(base=list(out.pooler_output), patches=patches, extras=[{} for _ in out.pooler_output])
+    @staticmethod
+    def _required_input(model: nn.Module, image_inputs: dict, name: str, purpose: str) -> torch.Tensor:
+        """An image input the family cannot do without, or a ValueError naming it (fail closed)."""
+        value = image_inputs.get(name)
+        if value is None:
+            raise ValueError(f"{model.config.model_type} needs `{name}` (the processor returns it) to {purpose}")
+        return value
 
     def image_inputs_from_ids(self, config, input_ids: torch.Tensor, num_safety_tokens: int) -> dict:
         """Image inputs read off the placeholder layout, for what the processor does not return."""
@@ -193,6 +194,17 @@ class _SlotsBeforeImage:
 
 
 _REGISTRY: dict[str, FamilyAdapter] = {}
+
+
+class PooledFeaturesAdapter(FamilyAdapter):
+    """Towers with one pooled output per image and no extra image inputs (Gemma 3, PaliGemma): the
+    model's own projected features, and the patches of `feature_layer` for the safety projector."""
+
+    def image_features(self, model: nn.Module, pixel_values: torch.Tensor, image_inputs: dict,
+                       feature_layer: int) -> VisionFeatures:
+        out = model.get_image_features(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+        patches = self._select_patches(out.hidden_states[feature_layer], model.config)
+        return VisionFeatures(base=list(out.pooler_output), patches=patches, extras=[{} for _ in out.pooler_output])
 
 
 def register_family(adapter: FamilyAdapter) -> FamilyAdapter:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from safety_modules.families.base import FamilyAdapter, VisionFeatures, register_family
+from safety_modules.families.base import PooledFeaturesAdapter, VisionFeatures, register_family
 
 IMAGE_TYPE = 1  # `token_type_ids` value of an image position (0 = text)
 
@@ -33,7 +33,7 @@ class AcceptsInputsEmbeds:
                                                               **kwargs)
 
 
-class Gemma3Adapter(FamilyAdapter):
+class Gemma3Adapter(PooledFeaturesAdapter):
     model_types = ("gemma3",)
 
     def image_token_id(self, config) -> int:
@@ -41,10 +41,6 @@ class Gemma3Adapter(FamilyAdapter):
 
     def processor_image_token_id(self, processor) -> int:
         return processor.tokenizer.image_token_id
-
-    def image_features(self, model: nn.Module, pixel_values: torch.Tensor, image_inputs: dict,
-                       feature_layer: int) -> VisionFeatures:
-        return self._pooled_features(model, pixel_values, feature_layer)
 
     def llm_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    image_positions: torch.Tensor, vision: VisionFeatures | None,

@@ -21,10 +21,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def image_features(self, model: nn.Module, pixel_values: torch.Tensor, image_inputs: dict,
                        feature_layer: int) -> VisionFeatures:
-        image_sizes = image_inputs.get("image_sizes")
-        if image_sizes is None:
-            raise ValueError(f"{model.config.model_type} needs `image_sizes` (the processor returns them) to lay "
-                             "out its crops")
+        image_sizes = self._required_input(model, image_inputs, "image_sizes", "lay out its crops")
         out = model.get_image_features(pixel_values=pixel_values, output_hidden_states=True, return_dict=True,
                                        **image_inputs)
         config = model.config

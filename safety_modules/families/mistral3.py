@@ -22,9 +22,7 @@ class Mistral3Adapter(FamilyAdapter):
 
     def image_features(self, model: nn.Module, pixel_values: torch.Tensor, image_inputs: dict,
                        feature_layer: int) -> VisionFeatures:
-        image_sizes = image_inputs.get("image_sizes")
-        if image_sizes is None:
-            raise ValueError("mistral3 needs `image_sizes` (the processor returns them) to cut its patch grids")
+        image_sizes = self._required_input(model, image_inputs, "image_sizes", "cut its patch grids")
         out = model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes,
                                        output_hidden_states=True, return_dict=True)
         patch = model.config.vision_config.patch_size

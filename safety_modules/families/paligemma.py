@@ -13,19 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from safety_modules.families.base import FamilyAdapter, VisionFeatures, register_family
+from safety_modules.families.base import PooledFeaturesAdapter, VisionFeatures, register_family
 from safety_modules.families.gemma3 import AcceptsInputsEmbeds
 
 PREFIX_TYPE = 0    # `token_type_ids` of the prompt (bidirectional prefix)
 RESPONSE_TYPE = 1  # `token_type_ids` of the response (causal suffix)
 
 
-class PaliGemmaAdapter(FamilyAdapter):
+class PaliGemmaAdapter(PooledFeaturesAdapter):
     model_types = ("paligemma",)
-
-    def image_features(self, model: nn.Module, pixel_values: torch.Tensor, image_inputs: dict,
-                       feature_layer: int) -> VisionFeatures:
-        return self._pooled_features(model, pixel_values, feature_layer)
 
     def llm_inputs(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    image_positions: torch.Tensor, vision: VisionFeatures | None,

@@ -34,10 +34,7 @@ class Qwen2VLAdapter(FamilyAdapter):
 
     def image_features(self, model: nn.Module, pixel_values: torch.Tensor, image_inputs: dict,
                        feature_layer: int) -> VisionFeatures:
-        grid_thw = image_inputs.get("image_grid_thw")
-        if grid_thw is None:
-            raise ValueError(f"{model.config.model_type} needs `image_grid_thw` (the processor returns it) to "
-                             "lay out its patches")
+        grid_thw = self._required_input(model, image_inputs, "image_grid_thw", "lay out its patches")
         out = model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid_thw,
                                        output_hidden_states=True, return_dict=True)
         vc = model.config.vision_config
