@@ -10,10 +10,12 @@ is in the per-evaluation reports).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
+
+from eval.benchmarks import read_jsonl
+from safety_modules.fileio import read_json
 
 RESPONSES = "responses.jsonl"
 RESULTS = "results.json"
@@ -89,14 +91,6 @@ def selection_score(numbers: Mapping[str, float | None]) -> float:
 def read_evaluation(eval_dir: str | Path) -> tuple[list[dict], str]:
     """(answer records, primary labeller) of one evaluation folder written by eval.report.write_results."""
     eval_dir = Path(eval_dir)
-    results = json.loads((eval_dir / RESULTS).read_text(encoding="utf-8"))
+    results = read_json(eval_dir / RESULTS, "evaluation results")
     labeler = results.get("metrics", {}).get("primary_labeler") or results["labelers"][0]
-    records = []
-    with (eval_dir / RESPONSES).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{eval_dir / RESPONSES}:{lineno}: malformed JSON ({exc.msg})") from None
-    return records, labeler
+    return [record for _, record in read_jsonl(eval_dir / RESPONSES)], labeler

@@ -214,20 +214,19 @@ def _stage_runner(stage: str) -> Callable[[PipelineConfig, Path], dict]:
         trials = cfg.selection.trials(stage)
         if trials is None:
             return _train(stage, recipe_cfg)
+        ctx = from_env()
         if cfg.selection.reuse:
             value = reused_value(cfg.selection.reuse, stage, trials.key)
             summary = _train(stage, recipe_cfg, nested(trials.key, value))
             table = {"stage": stage, "key": trials.key, "chosen": value, "criterion": CRITERION,
-                     "reused_from": str(Path(cfg.selection.reuse) / stage / "selection.json")}
-            if from_env().is_main:
+                     "reused_from": str(Path(cfg.selection.reuse) / stage / SELECTION_FILE)}
+            if ctx.is_main:
                 write_json_atomic(out / SELECTION_FILE, table)
             return {**summary, "selection": table}
         pinned = _pinned_inputs(stage, recipe_cfg)
-        ctx = from_env()
 
         def train(trial_dir: Path, overrides: dict) -> dict:
-            key, value = next(iter(overrides.items()))
-            return _train(stage, recipe_cfg, merge(merge(pinned, nested(key, value)), {"run_dir": str(trial_dir)}))
+            return _train(stage, recipe_cfg, merge(merge(pinned, overrides), {"run_dir": str(trial_dir)}))
 
         def validate(adapter: Path, eval_dir: Path) -> dict:
             _evaluate_split(cfg, str(adapter), cfg.selection.split, eval_dir, tasks=VALIDATION_TASKS, ctx=ctx)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from safety_modules.configio import ConfigError
-from safety_modules.fileio import write_json_atomic
+from safety_modules.fileio import read_json, write_json_atomic
 
 SELECTION_FILE = "selection.json"
 TRIALS_DIR = "trials"
@@ -109,6 +109,12 @@ def reused_value(run_dir: str | Path, stage: str, key: str) -> Any:
     return chosen
 
 
+def read_tables(run_dir: str | Path) -> dict[str, dict]:
+    """stage -> its `selection.json` table, for the stages of a run folder that chose a value."""
+    paths = {stage: Path(run_dir) / stage / SELECTION_FILE for stage in SELECTABLE}
+    return {stage: read_json(path, "selection table") for stage, path in paths.items() if path.is_file()}
+
+
 def select(stage: str, trials: Trials, out: Path,
            train: Callable[[Path, dict[str, Any]], dict],
            validate: Callable[[Path, Path], dict[str, float | None]],
@@ -116,7 +122,7 @@ def select(stage: str, trials: Trials, out: Path,
            main: bool = True, barrier: Callable[[], None] = lambda: None) -> dict:
     """Train and validate every trial of `trials`, keep the best in `out`; returns the stage summary.
 
-    `train(trial_dir, overrides)` trains into `trial_dir` (its adapter in `trial_dir/adapter`);
+    `train(trial_dir, overrides)` trains into `trial_dir` with the nested section overrides of the trial (its adapter in `trial_dir/adapter`);
     `validate(adapter_dir, eval_dir)` returns the validation numbers of that adapter; `score`
     turns them into the criterion (higher is better), which `criterion` describes. A finished trial (summary.json and validation
     numbers present) is read back, so an interrupted selection continues. Under torchrun every
@@ -129,7 +135,7 @@ def select(stage: str, trials: Trials, out: Path,
         if numbers_file.is_file() and (trial_dir / "summary.json").is_file():
             numbers = json.loads(numbers_file.read_text(encoding="utf-8"))
         else:
-            train(trial_dir, {trials.key: value})
+            train(trial_dir, nested(trials.key, value))
             numbers = validate(trial_dir / "adapter", trial_dir / "eval_validation")
             if main:
                 write_json_atomic(numbers_file, numbers)

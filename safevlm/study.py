@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,16 +26,14 @@ from typing import Callable, Sequence
 import numpy as np
 
 from eval.headline import METRICS, Cell, concept_cells, read_evaluation
+from eval.provenance import environment
 from safety_modules.fileio import write_json_atomic, write_text_atomic
 from safevlm.pipeline import PipelineConfig, run_pipeline
-from safevlm.summary import sentence
+from safevlm.selection import read_tables
+from safevlm.summary import VARIANTS, sentence
 from training.world.build import HELD_OUT_OF
 
-log = logging.getLogger(__name__)
 
-# (evaluation stage of the pipeline, the method's name in the report)
-METHODS = (("eval_base", "base"), ("eval_stage2", "stage 2"), ("eval_ppo", "PPO"), ("eval_sft", "SFT"),
-           ("eval_dpo", "DPO"))
 DIFFERENCES = (("PPO", "SFT"), ("PPO", "DPO"))
 BOOTSTRAP_DRAWS = 2000
 BOOTSTRAP_SEED = 0
@@ -78,7 +75,7 @@ Cells = dict[int, dict[str, Cell]]        # seed -> concept -> Cell
 def collect(out: Path, seeds: Sequence[int], splits: Sequence[str]) -> dict[str, dict[str, dict[str, Cells]]]:
     """method -> split -> metric -> seed -> concept -> Cell, from every seed's evaluation answers."""
     table: dict[str, dict[str, dict[str, Cells]]] = {}
-    for stage, method in METHODS:
+    for stage, method in VARIANTS:
         for split in splits:
             for seed in seeds:
                 folder = out / f"seed-{seed}" / stage / split
@@ -161,19 +158,10 @@ def _cell(entry: dict | None) -> str:
 
 
 def _selection(out: Path, seeds: Sequence[int]) -> dict[str, dict]:
-    chosen = {}
-    for stage in ("stage2", "ppo", "sft", "dpo"):
-        path = out / f"seed-{seeds[0]}" / stage / "selection.json"
-        if path.is_file():
-            table = json.loads(path.read_text())
-            chosen[stage] = {"key": table["key"], "chosen": table["chosen"],
-                             "trials": [(t["value"], t["score"]) for t in table.get("trials", [])]}
-    return chosen
-
-
-def _environment() -> dict:
-    from eval.provenance import environment
-    return environment()
+    """The hyperparameters chosen on the first seed's validation split (reused by the others)."""
+    return {stage: {"key": table["key"], "chosen": table["chosen"],
+                    "trials": [(t["value"], t["score"]) for t in table.get("trials", [])]}
+            for stage, table in read_tables(out / f"seed-{seeds[0]}").items()}
 
 
 def _plot(summary: dict, path: Path) -> None:
@@ -213,7 +201,7 @@ def write_study_report(out: Path, seeds: Sequence[int], splits: Sequence[str],
     summary = summarise(table, seeds, draws)
     summary.update(seeds=list(seeds), bootstrap={"draws": draws, "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE,
                                                   "levels": "seeds, then concepts within each drawn seed"},
-                   selection=_selection(out, seeds), environment=_environment(),
+                   selection=_selection(out, seeds), environment=environment(),
                    held_out_of={s: HELD_OUT_OF.get(s, "") for s in splits})
     report = out / REPORT_DIR
     report.mkdir(parents=True, exist_ok=True)

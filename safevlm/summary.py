@@ -14,7 +14,7 @@ from eval.headline import CRITERION
 from eval.metrics import FALSE_REFUSAL_NOT_MEASURED
 from eval.provenance import environment
 from safety_modules.fileio import write_json_atomic
-from safevlm.selection import SELECTABLE, SELECTION_FILE
+from safevlm.selection import read_tables
 from training.world.build import HELD_OUT_OF
 
 # (pipeline evaluation stage, the name shown in the report); the base's name is the caller's
@@ -85,11 +85,7 @@ def sentence(text: str) -> str:
 def _selection_lines(root: Path) -> list[str]:
     """The hyperparameters chosen on the validation split, with every trial's criterion."""
     rows = []
-    for stage in SELECTABLE:
-        path = root / stage / SELECTION_FILE
-        if not path.is_file():
-            continue
-        table = json.loads(path.read_text())
+    for stage, table in read_tables(root).items():
         trials = ", ".join(f"{t['value']}: {t['score']:.3f}" for t in table.get("trials", []))
         source = f"reused from {table['reused_from']}" if table.get("reused_from") else trials
         rows.append(f"| {stage} | {table['key']} | {table['chosen']} | {source} |")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from eval.headline import Cell, concept_cells, pooled, selection_score
-from safevlm.study import METHODS, bootstrap_draws, statistic, summarise, write_study_report
+from safevlm.study import bootstrap_draws, statistic, summarise, write_study_report
+from safevlm.summary import VARIANTS
 
 
 def _cells(rates_per_seed: dict[int, dict[str, tuple[int, int]]]) -> dict[int, dict[str, Cell]]:
@@ -92,7 +93,7 @@ def test_headline_cells_count_na_as_wrong_and_use_the_primary_labeler():
 def test_report_files_from_evaluation_answers(tmp_path: Path):
     rng = np.random.default_rng(1)
     for seed in (0, 1, 2):
-        for stage, _ in METHODS:
+        for stage, _ in VARIANTS:
             for split in ("heldout_render", "heldout_concept"):
                 records = []
                 for concept in ("knife", "gun", "skull"):
