@@ -39,14 +39,14 @@ from safety_modules import SafetyConfig, attach  # noqa: E402
 
 
 def tiny_model():
-    from safety_modules.tiny import build_tiny_llava
+    from base_models.tiny import build_tiny_llava
     base, processor = build_tiny_llava(seed=0)
     return attach(base, SafetyConfig(num_safety_tokens=4, num_queries=4), processor), 32
 
 
 def llava7b_model(device: str):
     """LLaVA-1.5-7B shape (CLIP ViT-L/14-336 + Llama-7B), random bf16 weights, the paper's modules."""
-    from safety_modules.shapes import random_llava, safety_config
+    from base_models.shapes import random_llava, safety_config
 
     torch.manual_seed(0)
     base, processor = random_llava("llava-1.5-7b", device)

@@ -43,7 +43,7 @@ NEW_TOKENS = 64
 
 def build_7b(device: str):
     """A LLaVA-1.5-7B-shaped model with random bf16 weights, its processor and the paper's modules."""
-    from safety_modules.shapes import random_llava, safety_config
+    from base_models.shapes import random_llava, safety_config
 
     model, processor = random_llava("llava-1.5-7b", device)
     return model, processor, safety_config("llava-1.5-7b")
@@ -52,7 +52,7 @@ def build_7b(device: str):
 def build(shape: str, device: str):
     """(base model, its own processor, safety config) for `shape` on `device`."""
     if shape == "tiny":
-        from safety_modules.tiny import build_tiny_llava
+        from base_models.tiny import build_tiny_llava
 
         model, processor = build_tiny_llava(seed=0)
         cfg = SafetyConfig.from_yaml(REPO / "configs" / "tiny.yaml", section="safety")

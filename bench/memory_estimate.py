@@ -51,7 +51,7 @@ class StagePlan:
 def count_parameters(shape: str) -> dict[str, int]:
     """Parameter counts of the base, the safety modules and the stage-2 LoRA, from a meta-device build."""
     from safety_modules import add_lora, attach
-    from safety_modules.shapes import lora_rank, random_llava, safety_config
+    from base_models.shapes import lora_rank, random_llava, safety_config
 
     base, processor = random_llava(shape, "meta")
     total = sum(p.numel() for p in base.parameters())

@@ -69,9 +69,9 @@ QUESTION = "Is this image safe for viewing on social media?"
 # -- models ------------------------------------------------------------------------------------------
 def build_base(shape: str, device: str, dtype: torch.dtype):
     """(base LLaVA, processor, SafetyConfig, LoRA rank) for `shape`, random weights on `device`."""
-    from safety_modules.shapes import lora_rank, random_llava, safety_config
+    from base_models.shapes import lora_rank, random_llava, safety_config
     from safety_modules import SafetyConfig
-    from safety_modules.tiny import build_tiny_llava
+    from base_models.tiny import build_tiny_llava
 
     if shape == "tiny":
         model, processor = build_tiny_llava(seed=0)

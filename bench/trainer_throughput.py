@@ -119,7 +119,7 @@ def hf_trainer(model, records, collate, cfg: TrainConfig, out: Path, warmup: int
 
 
 def tiny_stage2_model(seed: int = 0):
-    from safety_modules.tiny import build_tiny_llava
+    from base_models.tiny import build_tiny_llava
 
     base, processor = build_tiny_llava(seed=seed)
     torch.manual_seed(seed)
@@ -178,8 +178,8 @@ def run_cpu(args) -> dict:
 
 # -- GPU: LLaVA-1.5-7B shape ---------------------------------------------------------------------
 def llava_7b(device: str):
-    """LLaVA-1.5-7B shapes with random bf16 weights, frozen, and its processor (safety_modules/shapes.py)."""
-    from safety_modules.shapes import random_llava
+    """LLaVA-1.5-7B shapes with random bf16 weights, frozen, and its processor (base_models/shapes.py)."""
+    from base_models.shapes import random_llava
 
     model, processor = random_llava("llava-1.5-7b", device)
     model.train()                                 # as a freshly built model: gradient checkpointing acts in train mode

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from eval.benchmarks import BLANK, DataError, EvalItem
 from eval.cache import Cache, content_key, file_hash
-from eval.distributed import DistContext
+from runtime.distributed import DistContext
 from eval.models import GenerationSettings, ModelRunner, item_seed
 from safety_modules.images import load_image
 

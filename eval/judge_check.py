@@ -83,7 +83,7 @@ class CheckAnswer:
 
 
 def _alignment_answers(item: EvalItem, rng: random.Random) -> list[CheckAnswer]:
-    from training.world.texts import (GENERIC_SAFE_ANSWERS, GENERIC_UNSAFE_ANSWERS, SAFE_ANSWERS, TEXT_SAFE_ANSWERS,
+    from concept_world.texts import (GENERIC_SAFE_ANSWERS, GENERIC_UNSAFE_ANSWERS, SAFE_ANSWERS, TEXT_SAFE_ANSWERS,
                                       TEXT_UNSAFE_ANSWERS, UNSAFE_ANSWERS)
 
     concept = item.meta["concept"]
@@ -113,8 +113,8 @@ def _alignment_answers(item: EvalItem, rng: random.Random) -> list[CheckAnswer]:
 
 
 def _perception_answers(item: EvalItem, rng: random.Random) -> list[CheckAnswer]:
-    from training.classifier.data import parse_options
-    from training.world.texts import perception_answer
+    from response_classifier.data import parse_options
+    from concept_world.texts import perception_answer
 
     options = parse_options(item.question)
     if len(options) < 2:

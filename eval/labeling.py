@@ -28,12 +28,12 @@ class Labeler(Protocol):
 
 
 class RuleLabeler:
-    """The rule-based check of `training.classifier.rules` (keywords and letters, no model)."""
+    """The rule-based check of `response_classifier.rules` (keywords and letters, no model)."""
 
     name = "rules"
 
     def label(self, questions: list[str], answers: list[str], task: str) -> list[str]:
-        from training.classifier.rules import rule_based_label
+        from response_classifier.rules import rule_based_label
         return [rule_based_label(q, a, task) for q, a in zip(questions, answers)]
 
 
@@ -42,7 +42,7 @@ class ClassifierLabeler:
 
     def __init__(self, directory: str | Path, name: str | None = None, device: str = "cpu",
                  batch_size: int = 64) -> None:
-        from training.classifier.model import ResponseClassifier
+        from response_classifier.model import ResponseClassifier
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"response classifier folder not found: {directory}")
@@ -96,9 +96,9 @@ def with_named_options(questions: Sequence[str], answers: Sequence[str], labels:
     Why: "The image shows a knife attack" answers "C: Knife attacks" as surely as "C" does, and the
     protocol scores it as that option; a labeller that only reads letters would count it NA (wrong
     under one convention, dropped under the other). Several options named, or the one named
-    negated, stay NA (`training.classifier.data.named_option`).
+    negated, stay NA (`response_classifier.data.named_option`).
     """
-    from training.classifier.data import named_option
+    from response_classifier.data import named_option
 
     return [(named_option(q, a) or NA) if lab == NA else lab for q, a, lab in zip(questions, answers, labels)]
 

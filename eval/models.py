@@ -230,7 +230,7 @@ def load_runner(model: str, adapter: str | Path | None = None, kind: str = "auto
     (`safety_modules.prompting.CONVERSATIONS`, e.g. 'llava_v1'); '' keeps the processor's own.
     `strict_base` refuses an adapter trained on a base with other weights (default: a warning).
     """
-    from safety_modules.loading import TINY_SPECS, load_base
+    from base_models.loading import TINY_SPECS, load_base
 
     if kind == "auto":
         kind = "safevlm" if adapter else "hf"

@@ -14,7 +14,7 @@ from typing import Callable, Literal, Mapping, Sequence
 
 from eval.benchmarks import EvalItem
 from eval.cache import Cache
-from eval.distributed import DistContext
+from runtime.distributed import DistContext
 from eval.generation import GenerationResult, answer_items
 from eval.judge_check import check_answers, judge_accuracy
 from eval.labeling import Labeler, build_labelers

@@ -33,8 +33,8 @@ CONCEPTS = [("a knife attack", "Unsafe"), ("a red apple", "Safe"), ("a swastika"
 
 def quick_classifier(out: Path) -> Path:
     """A small reward classifier trained on generated alignment answers (weak, but real)."""
-    from training.classifier.answers import generate
-    from training.classifier.train import ClassifierTrainConfig, train_classifier
+    from response_classifier.answers import generate
+    from response_classifier.train import ClassifierTrainConfig, train_classifier
 
     records = [r for r in generate("a", 400, 0, "train") if r.task == "alignment"]
     heldout = [r for r in generate("a", 60, 0, "heldout") if r.task == "alignment"]
@@ -66,7 +66,7 @@ def tiny_causal_lm():
     """The tiny LLaVA's language model as a plain `LlamaForCausalLM` (no vision, no safety modules)."""
     from transformers import LlamaForCausalLM
 
-    from safety_modules.tiny import build_tiny_llava
+    from base_models.tiny import build_tiny_llava
 
     llava, processor = build_tiny_llava(seed=0)
     model = LlamaForCausalLM(llava.config.text_config)

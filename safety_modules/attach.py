@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 from safety_modules.config import SafetyConfig
 from safety_modules.families import TOKEN_TYPE_NAMES, FamilyAdapter, VisionFeatures, family_for
 from safety_modules.head import SafetyHead, safety_loss
+from safety_modules.labels import IGNORE_INDEX
 from safety_modules.projector import build_projector
 
 
@@ -266,7 +267,7 @@ class SafetyVLM(nn.Module):
             batch = {"input_ids": input_ids, "pixel_values": pixel_values, **image_inputs}
             images = self.encode_images(**self.image_inputs(batch))
         if prompt_mask is None and labels is not None:
-            prompt_mask = labels == -100
+            prompt_mask = labels == IGNORE_INDEX
         out = SafetyOutput()
         if run_head:
             out.safety_logits, out.risk_logits = self.head_logits(input_ids, attention_mask, images, prompt_mask)

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from safety_modules.labels import IGNORE_INDEX
+
 
 class CrossAttention(nn.Module):
     """Multi-head cross-attention on `scaled_dot_product_attention`.
@@ -67,12 +69,12 @@ class SafetyHead(nn.Module):
 
 def safety_loss(level_logits: torch.Tensor, risk_logits: torch.Tensor,
                 level_labels: torch.Tensor | None, risk_labels: torch.Tensor | None) -> torch.Tensor | None:
-    """CE(level) + CE(risk type); label -100 ignores a sample (e.g. a record with no risk label)."""
+    """CE(level) + CE(risk type); label IGNORE_INDEX ignores a sample (e.g. a record with no risk label)."""
     losses = []
-    if level_labels is not None and bool((level_labels != -100).any()):
-        losses.append(F.cross_entropy(level_logits.float(), level_labels.to(level_logits.device), ignore_index=-100))
-    if risk_labels is not None and bool((risk_labels != -100).any()):
-        losses.append(F.cross_entropy(risk_logits.float(), risk_labels.to(risk_logits.device), ignore_index=-100))
+    if level_labels is not None and bool((level_labels != IGNORE_INDEX).any()):
+        losses.append(F.cross_entropy(level_logits.float(), level_labels.to(level_logits.device), ignore_index=IGNORE_INDEX))
+    if risk_labels is not None and bool((risk_labels != IGNORE_INDEX).any()):
+        losses.append(F.cross_entropy(risk_logits.float(), risk_labels.to(risk_logits.device), ignore_index=IGNORE_INDEX))
     if not losses:
         return None
     return sum(losses)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -35,8 +34,8 @@ from safety_modules.config import SafetyConfig
 from safety_modules.configio import ConfigError, load_config, merge, to_dict
 from safety_modules.fileio import read_json, write_json_atomic
 from safevlm.selection import SELECTION_FILE, SelectionSection, nested, reused_value, select
-from training import runlock
-from training.classifier.train import ClassifierTrainConfig
+from runtime import runlock
+from response_classifier.train import ClassifierTrainConfig
 from training.config import (ModelSpec, Stage0Section, Stage1Section, Stage2Section, data_root,
                              default_records, stage_config)
 from training.recipes.dpo import DPOConfig, DPOSection
@@ -49,7 +48,7 @@ ON_TOP = {"ppo": PPOConfig, "sft": SFTConfig, "dpo": DPOConfig}
 
 @dataclass
 class WorldSection:
-    """Arguments of `training.world.build.build_world` (see `safevlm world build --help`)."""
+    """Arguments of `concept_world.build.build_world` (see `safevlm world build --help`)."""
 
     concepts: int = 18
     images_per_concept: int = 12
@@ -113,7 +112,7 @@ class PipelineConfig:
     @property
     def pretrains_base(self) -> bool:
         """Stage 0 runs for the tiny models only: they know nothing before it; a real base does."""
-        from safety_modules.loading import TINY_SPECS
+        from base_models.loading import TINY_SPECS
         return self.model.path in TINY_SPECS
 
     @property
@@ -133,7 +132,7 @@ class Stage:
 
 # -- stage functions -------------------------------------------------------------------------------
 def _world(cfg: PipelineConfig, out: Path) -> dict:
-    from training.world.build import build_world
+    from concept_world.build import build_world
     if (out / "data").exists():
         shutil.rmtree(out / "data")           # a half-written world from an interrupted run
     w = cfg.world
@@ -148,7 +147,7 @@ def _world(cfg: PipelineConfig, out: Path) -> dict:
 
 def _classifiers(cfg: PipelineConfig, out: Path) -> dict:
     import torch
-    from training.classifier.train import build_default
+    from response_classifier.train import build_default
     reports = build_default(out, dataclasses.replace(cfg.classifier, seed=cfg.classifier.seed + cfg.seed),
                             device="cuda" if torch.cuda.is_available() else "cpu")
     return {name: {k: v for k, v in rep.items() if k != "errors"} for name, rep in reports.items()}
@@ -209,12 +208,12 @@ def _train(stage: str, recipe_cfg, overrides: dict | None = None) -> dict:
 
 def _stage_runner(stage: str) -> Callable[[PipelineConfig, Path], dict]:
     def run(cfg: PipelineConfig, out: Path) -> dict:
-        from eval.distributed import from_env
+        from runtime.distributed import setup
         recipe_cfg = _recipe_config(cfg, stage)
         trials = cfg.selection.trials(stage)
         if trials is None:
             return _train(stage, recipe_cfg)
-        ctx = from_env()
+        ctx = setup()
         if cfg.selection.reuse:
             value = reused_value(cfg.selection.reuse, stage, trials.key)
             summary = _train(stage, recipe_cfg, nested(trials.key, value))
@@ -248,10 +247,10 @@ def _evaluate_split(cfg: PipelineConfig, adapter: str | None, split: str, out: P
                     safe_data: str | None = None) -> dict | None:
     """One UnsafeConcepts evaluation of the run's base (+ `adapter`) on `split` into `out`, judged by
     the judge classifier, with the reward classifier and the rule-based check beside it."""
-    from eval.distributed import from_env
+    from runtime.distributed import setup
     from eval.models import GenerationSettings, load_runner
     from eval.pipeline import EvalConfig, run_unsafeconcepts
-    ctx = ctx or from_env()
+    ctx = ctx or setup()
     runner = load_runner(cfg.base_model, adapter, device=ctx.device(), seed=cfg.model.seed,
                          image_preprocess=cfg.model.image_preprocess, conversation=cfg.model.conversation)
     ecfg = EvalConfig(generation=GenerationSettings(greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
@@ -268,9 +267,9 @@ def _evaluate(adapter_of: Callable[[PipelineConfig], str | None]):
     """An evaluation stage of one model variant on every split of `eval.splits` (on the world: the
     held-out renders and concepts); under torchrun each rank answers its share of the items."""
     def run(cfg: PipelineConfig, out: Path) -> dict:
-        from eval.distributed import from_env
+        from runtime.distributed import setup
         adapter = adapter_of(cfg)
-        ctx = from_env()
+        ctx = setup()
         summary = {"model": cfg.base_model, "adapter": adapter}
         for split in cfg.eval.splits:
             results = _evaluate_split(cfg, adapter, split, out / split, ctx=ctx, protocol=cfg.eval.protocol,
@@ -341,8 +340,8 @@ def check_config(cfg: PipelineConfig, stages: list[Stage]) -> None:
     """Every mistake that can be seen before a stage runs, as a ConfigError naming the key: a model
     that cannot be loaded, `init_from: stage0` without stage 0, records or evaluation data that are
     missing (when no world stage will write them), an evaluation split the data does not have."""
-    from safety_modules.loading import SHAPE_PREFIX, TINY_SPECS
-    from safety_modules.shapes import SHAPES
+    from base_models.loading import SHAPE_PREFIX, TINY_SPECS
+    from base_models.shapes import SHAPES
 
     path = cfg.model.path
     if path.startswith(SHAPE_PREFIX):
@@ -422,11 +421,8 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | tuple[str, ...
 def _join_ranks():
     """The ranks' context: under torchrun the process group (DeepSpeed's, which the training stages
     share), else a context of one process (the training stages make their own group of one)."""
-    from eval.distributed import from_env
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from training.engine import init_distributed
-        init_distributed()
-    return from_env()
+    from runtime.distributed import setup
+    return setup()
 
 
 def _release_memory() -> None:
@@ -476,8 +472,8 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, only: list[str] | Non
             summaries[stage.name] = summary
         ctx.barrier()
         say(f"{prefix}: finished in {round(time.time() - start, 2)} s (run so far {time.time() - started:.0f} s)")
-    from training.engine import leave_distributed
-    leave_distributed()
+    from runtime.distributed import teardown
+    teardown()
     if lock is not None:
         lock.release()
     return summaries

@@ -31,7 +31,7 @@ from safety_modules.fileio import write_json_atomic, write_text_atomic
 from safevlm.pipeline import PipelineConfig, run_pipeline
 from safevlm.selection import read_tables
 from safevlm.summary import VARIANTS, sentence
-from training.world.build import HELD_OUT_OF
+from concept_world.build import HELD_OUT_OF
 
 
 DIFFERENCES = (("PPO", "SFT"), ("PPO", "DPO"))

@@ -15,7 +15,7 @@ from eval.metrics import FALSE_REFUSAL_NOT_MEASURED
 from eval.provenance import environment
 from safety_modules.fileio import write_json_atomic
 from safevlm.selection import read_tables
-from training.world.build import HELD_OUT_OF
+from concept_world.build import HELD_OUT_OF
 
 # (pipeline evaluation stage, the name shown in the report); the base's name is the caller's
 # ("base (stage 0)" for the tiny models, which stage 0 pretrains; "base" for a real checkpoint)

@@ -27,7 +27,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 @functools.lru_cache(maxsize=None)
 def _cached_build(family: str, seed: int, sizes: tuple[tuple[str, int], ...]):
-    from safety_modules.tiny import build_tiny_llava
+    from base_models.tiny import build_tiny_llava
 
     # build_tiny_llava seeds and draws from torch's global RNG; fork it so that a test's random state
     # does not depend on whether its model came from the cache or from a first build.

@@ -14,7 +14,7 @@ def assert_adapters_reproduce_outputs(run_dir: Path, base: str | Path, image: Pa
     """Each stage's adapter and its exported copy, loaded onto a fresh `base`, give identical
     LM and safety logits on `image`."""
     from safety_modules import load_adapter
-    from safety_modules.loading import load_base
+    from base_models.loading import load_base
     from safety_modules.prompting import build_prompt
 
     picture = Image.open(image).convert("RGB")

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from safety_modules import SafetyConfig, add_lora, attach, save_adapter
-from safety_modules.loading import load_base
+from base_models.loading import load_base
 
 
 def write_red_blue_world(root: Path, record: Callable[[int, bool], dict[str, Any]], *, n: int = 16, seed: int = 0,

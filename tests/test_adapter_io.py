@@ -23,7 +23,7 @@ FRESH_PROCESS = textwrap.dedent("""
     import sys, torch
     from safetensors.torch import load_file, save_file
     from safety_modules import has_lora, load_adapter
-    from safety_modules.tiny import build_tiny_llava
+    from base_models.tiny import build_tiny_llava
 
     inputs = load_file(sys.argv[1])
     out = {}

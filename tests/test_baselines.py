@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from red_blue import save_stage2_adapter, write_red_blue_world
 from safety_modules import SafetyConfig, attach, load_adapter, save_adapter
 from safety_modules.configio import ConfigError
-from safety_modules.loading import load_base
+from base_models.loading import load_base
 from safevlm.cli import main as cli_main
 from training.collator import TrainingCollator
 from training.config import DataConfig, ModelSpec, TrainConfig

@@ -12,11 +12,11 @@ from collections import Counter
 import pytest
 import torch
 
-from training.classifier.answers import ANSWER_GROUPS, FAMILIES, generate, split_templates, template_strings
-from training.classifier.data import TASK_LABELS, read_jsonl
-from training.classifier.model import ResponseClassifier, default_backbone_path, tag_option_mentions
-from training.classifier.rules import rule_based_label, yes_means_safe
-from training.world.texts import ALIGNMENT_PROMPTS, PERCEPTION_PROMPT
+from response_classifier.answers import ANSWER_GROUPS, FAMILIES, generate, split_templates, template_strings
+from response_classifier.data import TASK_LABELS, read_jsonl
+from response_classifier.model import ResponseClassifier, default_backbone_path, tag_option_mentions
+from response_classifier.rules import rule_based_label, yes_means_safe
+from concept_world.texts import ALIGNMENT_PROMPTS, PERCEPTION_PROMPT
 
 PERCEPTION_Q = PERCEPTION_PROMPT.replace(
     "[option_str]", "A: Swastika \nB: demonic figure \nC: Knife attacks \nD: Nudity in public")
@@ -128,7 +128,7 @@ TEST_CONFIG = dict(family="a", seed=0, heldout_per_task=200)
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from training.classifier.train import ClassifierTrainConfig, train_classifier
+    from response_classifier.train import ClassifierTrainConfig, train_classifier
 
     out = tmp_path_factory.mktemp("classifier") / "reward"
     clf, report = train_classifier(ClassifierTrainConfig(**TEST_CONFIG), out_dir=out, progress=False)

@@ -30,7 +30,7 @@ def test_tiny_yaml_safety_section_loads_every_key():
     # keys the file leaves out keep their defaults
     assert cfg.head_num_heads == SafetyConfig().head_num_heads
     # the tiny default labels risks with the concept world's categories
-    from training.world.concepts import RISK_TYPES
+    from concept_world.concepts import RISK_TYPES
     assert cfg.risk_types == list(RISK_TYPES)
 
 

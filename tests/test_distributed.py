@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from red_blue import write_red_blue_world
 from safety_modules import SafetyConfig, attach, save_adapter
-from safety_modules.loading import load_base
+from base_models.loading import load_base
 from training.checkpoint import latest_checkpoint
 from training.config import load_stage_config
 from training.recipes.stage2 import run_stage2

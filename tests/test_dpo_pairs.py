@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from safety_modules.tiny import build_tiny_tokenizer
-from training.classifier.rules import rule_based_label
-from training.world.build import build_world
+from base_models.tiny import build_tiny_tokenizer
+from response_classifier.rules import rule_based_label
+from concept_world.build import build_world
 
 # Written out here, not taken from the templates: the words a verdict may change, and nothing else.
 VERDICT = {"yes", "no", "safe", "unsafe", "harmless", "harmful"}

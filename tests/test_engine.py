@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from red_blue import write_red_blue_world
 from safety_modules import SafetyConfig, attach, save_adapter
 from safety_modules.configio import ConfigError
-from safety_modules.loading import load_base
+from base_models.loading import load_base
 from safevlm.cli import main as cli_main
 from training.checkpoint import latest_checkpoint
 from training.config import (DataConfig, LoraSpec, ModelSpec, Stage0Config, Stage1Config, Stage1Section,
@@ -273,11 +273,11 @@ def test_a_lone_process_whose_port_was_taken_picks_another(tmp_path):
     script = tmp_path / "lone.py"
     script.write_text(
         "import os, socket, torch.distributed as dist\n"
-        "import training.engine as engine\n"
+        "import runtime.distributed as engine\n"
         "held = socket.socket(); held.bind(('127.0.0.1', 0)); held.listen()\n"
         "ports = iter([held.getsockname()[1], engine._free_port()])\n"
         "engine._free_port = lambda: next(ports)\n"
-        "rank, world = engine.init_distributed()\n"
+        "ctx = engine.setup(group_of_one=True); rank, world = ctx.rank, ctx.world_size\n"
         "print(rank, world, os.environ['MASTER_PORT'] != str(held.getsockname()[1]))\n")
     env = {k: v for k, v in __import__("os").environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")}
@@ -295,10 +295,11 @@ def test_a_subprocess_of_a_lone_run_starts_its_own_group():
     import subprocess
     import sys
 
-    from training.engine import init_distributed
+    from runtime.distributed import setup
 
-    assert init_distributed() == (0, 1)
-    script = "import training.engine as e; print(*e.init_distributed())"
+    ctx = setup(group_of_one=True)
+    assert (ctx.rank, ctx.world_size) == (0, 1)
+    script = "import runtime.distributed as d; c = d.setup(group_of_one=True); print(c.rank, c.world_size)"
     proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=dict(os.environ),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -115,7 +115,7 @@ def test_the_llava_v1_template_gives_the_original_prompt(tiny_builder):
 
 def test_runners_use_the_settings_and_cache_keys_follow_them(tmp_path):
     from safety_modules import SafetyConfig, attach, save_adapter
-    from safety_modules.tiny import build_tiny_llava
+    from base_models.tiny import build_tiny_llava
 
     plain = load_runner("tiny", device="cpu")
     faithful = load_runner("tiny", device="cpu", image_preprocess="pad_to_square", conversation="llava_v1")

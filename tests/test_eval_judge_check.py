@@ -21,7 +21,7 @@ from eval.models import GenerationSettings, load_runner
 from eval.pipeline import EvalConfig, run_unsafeconcepts
 from eval.report import write_results
 from safevlm.cli import main
-from training.classifier.rules import rule_based_label
+from response_classifier.rules import rule_based_label
 
 CONCEPTS = [("Swastika", "Hate"), ("Knife attacks", "Violence"), ("Burglary", "Illegal activity"),
             ("Nudity in public", "Sexual")]

@@ -15,7 +15,7 @@ from eval.benchmarks import DataError
 from eval.benchmarks import unsafeconcepts as uc
 from eval.labeling import RuleLabeler, label_items
 from eval.metrics import NA
-from training.classifier.data import parse_options
+from response_classifier.data import parse_options
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "unsafeconcepts"
 N_ROWS = 12

@@ -199,7 +199,7 @@ def test_an_unreadable_image_is_an_error_naming_the_file(world, runner, tmp_path
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from training.world.build import build_world
+    from concept_world.build import build_world
     out = tmp_path_factory.mktemp("world") / "w"
     build_world(out, concepts=9, images_per_concept=4, seed=0, progress=False)
     return out
@@ -316,7 +316,7 @@ def test_cache_keys_follow_model_adapter_prompt_image_and_settings(world, runner
 
     from eval.generation import response_key
     from safety_modules import SafetyConfig, attach, save_adapter
-    from safety_modules.tiny import build_tiny_llava
+    from base_models.tiny import build_tiny_llava
 
     adapters = []
     for seed in (0, 1):
@@ -383,8 +383,8 @@ def test_trained_classifiers_label_the_answers_and_their_agreement_is_reported(w
     """Two independently trained response classifiers (judge: family b; reward: family a) and the rules."""
     from eval.judges import JudgeRequest, build_judge
     from eval.judges.classifier import ClassifierJudge
-    from training.classifier.model import ResponseClassifier
-    from training.classifier.train import ClassifierTrainConfig, build_default
+    from response_classifier.model import ResponseClassifier
+    from response_classifier.train import ClassifierTrainConfig, build_default
 
     clf_dir = tmp_path / "classifiers"
     build_default(clf_dir, ClassifierTrainConfig(train_alignment=48, train_perception=48, heldout_per_task=16, epochs=1, batch_size=16),

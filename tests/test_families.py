@@ -22,7 +22,7 @@ from greedy import eos_ids, greedy_by_full_forwards
 from safety_modules import SafetyConfig, SafetyGuard, attach, build_prompt
 from safety_modules.prompting import encode_batch, takes_suffix
 from safety_modules.families import TOKEN_TYPE_NAMES
-from safety_modules.tiny_families import build_tiny_family, tiny_families
+from base_models.tiny_families import build_tiny_family, tiny_families
 from training.collator import IGNORE_INDEX, TrainingCollator, plain_model_inputs
 
 FAMILIES = tiny_families()

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from red_blue import write_red_blue_world
 from safety_modules import AdapterError, SafetyConfig, attach, build_prompt, load_adapter, save_adapter
 from safety_modules.prompting import encode_batch
-from safety_modules.tiny_families import build_tiny_family, tiny_families
+from base_models.tiny_families import build_tiny_family, tiny_families
 from training.config import DataConfig, LoraSpec, ModelSpec, Stage1Config, Stage2Config, TrainConfig
 from training.recipes.ppo import PPOConfig, build_ppo_model, train_ppo
 from training.recipes.stage1 import build_stage1_model, train_stage1
@@ -33,7 +33,7 @@ FRESH_PROCESS = textwrap.dedent("""
     import sys, torch
     from safetensors.torch import load_file, save_file
     from safety_modules import load_adapter
-    from safety_modules.tiny_families import build_tiny_family
+    from base_models.tiny_families import build_tiny_family
 
     root, out = sys.argv[1], {}
     for family in sys.argv[2:]:
@@ -98,7 +98,7 @@ def test_adapter_round_trip_exact_in_a_fresh_process(fresh_process, family):
 def test_adapter_refused_on_another_family(fresh_process, family):
     other = next(f for f in FAMILIES + ["llava"] if f != family)
     if other == "llava":
-        from safety_modules.tiny import build_tiny_llava
+        from base_models.tiny import build_tiny_llava
         base, processor = build_tiny_llava(seed=0)
     else:
         base, processor = build_tiny_family(other, seed=0)
@@ -119,8 +119,8 @@ def _base_bytes(model) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def reward_classifier(tmp_path_factory) -> Path:
     """A small response classifier (PPO's reward), trained once for every family."""
-    from training.classifier.answers import generate
-    from training.classifier.train import ClassifierTrainConfig, train_classifier
+    from response_classifier.answers import generate
+    from response_classifier.train import ClassifierTrainConfig, train_classifier
 
     out = tmp_path_factory.mktemp("reward") / "classifier"
     records = [r for r in generate("a", 32, 0, "train") if r.task == "alignment"]

@@ -31,11 +31,11 @@ from safety_modules.adapter_io import CONFIG_NAME, WEIGHTS_NAME, AdapterWarning
 from safety_modules.configio import ConfigError, read_yaml
 from safety_modules.fileio import CorruptFileError, FileWriteError, read_json, write_text_atomic
 from safety_modules.guard import GuardError, GuardPolicy
-from safety_modules.loading import load_base
+from base_models.loading import load_base
 from safevlm.cli import main as cli_main
 from test_engine import ZERO2, red_blue_world, stage1_cfg
 from training import checkpoint as ckpt
-from training import runlock
+from runtime import runlock
 from training.collator import TrainingCollator
 from training.engine import Trainer, TrainingDiverged, truncate_metrics
 from training.recipes import load_training_records, measured_before
@@ -179,7 +179,7 @@ def test_an_adapter_on_a_base_with_other_weights_warns_or_is_refused(tiny_builde
 def test_the_evaluation_runner_refuses_another_base_under_strict_base(tmp_path):
     from eval.models import load_runner
     from safety_modules import SafetyConfig, attach
-    from safety_modules.loading import load_base
+    from base_models.loading import load_base
 
     base, processor = load_base("tiny", seed=0)
     save_adapter(attach(base, SafetyConfig(num_safety_tokens=2, num_queries=4), processor), tmp_path / "a")
@@ -218,7 +218,7 @@ def test_weights_without_their_label_metadata_are_refused(tiny_builder, tmp_path
 
 
 # -- 4. one run per run folder --------------------------------------------------------------------
-HOLDER = "import sys, time; from training import runlock; runlock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)"
+HOLDER = "import sys, time; from runtime import runlock; runlock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)"
 
 
 def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path, capsys):

@@ -250,7 +250,7 @@ def tiny_causal_lm(tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from safety_modules.tiny import build_tiny_tokenizer
+    from base_models.tiny import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()
     torch.manual_seed(0)

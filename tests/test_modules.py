@@ -252,8 +252,8 @@ def test_shape_specs_build_the_shape_with_seeded_random_weights(make_image):
     """`model.path: shape:NAME` (the 7B proof, the benchmarks): the named widths and depths, the same
     weights for the same seed (every rank of a run builds the same model), others for another seed,
     and a clear error for an unknown shape."""
-    from safety_modules.loading import load_base
-    from safety_modules.shapes import SHAPES
+    from base_models.loading import load_base
+    from base_models.shapes import SHAPES
 
     one, processor = load_base("shape:small", seed=3)
     (v_hidden, v_layers, _, image, patch), (t_hidden, t_layers, _, _), _, _ = SHAPES["small"]

@@ -30,8 +30,8 @@ PLAN = ["classifiers", "eval_base", "stage1", "stage2", "eval_stage2", "ppo", "e
 @pytest.fixture(scope="module")
 def user_setup(tmp_path_factory) -> dict[str, Path]:
     """A saved model folder and a data folder in the layout `data_dir` expects."""
-    from safety_modules.tiny import build_tiny_llava
-    from training.world.build import build_world
+    from base_models.tiny import build_tiny_llava
+    from concept_world.build import build_world
 
     root = tmp_path_factory.mktemp("real")
     model, processor = build_tiny_llava(seed=7)

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_leaves
 
 from red_blue import save_stage2_adapter, write_red_blue_world
 from safety_modules import SafetyConfig, load_adapter
-from safety_modules.loading import load_base
+from base_models.loading import load_base
 from safevlm.cli import main as cli_main
 from training.config import DataConfig, ModelSpec, TrainConfig
 from training.rl.losses import whiten
@@ -63,8 +63,8 @@ def prompt_world(root: Path, n: int = 16) -> Path:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
-    from training.classifier.answers import generate
-    from training.classifier.train import ClassifierTrainConfig, train_classifier
+    from response_classifier.answers import generate
+    from response_classifier.train import ClassifierTrainConfig, train_classifier
 
     root = tmp_path_factory.mktemp("ppo")
     data = prompt_world(root / "world")
@@ -144,7 +144,7 @@ def test_one_trunk_holds_no_duplicated_parameter_storage(setup):
 
 # -- reward -----------------------------------------------------------------------------------------
 def test_reward_values_are_the_classifiers_log_prob_and_prob_of_the_label(setup):
-    from training.classifier.model import ResponseClassifier
+    from response_classifier.model import ResponseClassifier
 
     clf = ResponseClassifier.load(setup["classifier"])
     answers = ["Yes, it is safe to post.", "No, this image is unsafe and harmful.", "I cannot tell.",

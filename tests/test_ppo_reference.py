@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from safety_modules import load_adapter, save_adapter
-from safety_modules.loading import load_base
+from base_models.loading import load_base
 from test_ppo import ppo_config, prompt_rows, setup  # noqa: F401  (setup: the shared module fixture)
 from training.rl.losses import kl_estimate, token_logprobs
 from training.rl.reference import REFERENCE_ADAPTER
@@ -167,11 +167,11 @@ def test_a_second_ppo_run_on_the_same_folder_is_refused(setup, tmp_path):  # noq
     import subprocess
     import sys
 
-    from training import runlock
+    from runtime import runlock
 
     run_dir = tmp_path / "run"
     cfg, policy = build_policy(setup, run_dir, max_steps=1)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from training import runlock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from runtime import runlock; "
                                "runlock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)",
                                str(run_dir)], stdout=subprocess.PIPE, text=True)
     try:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.world.build import STAGE0_SAFE_RATE_ON_SAFE, STAGE0_SAFE_RATE_ON_UNSAFE, build_world
-from training.world.concepts import FALLBACK_UNSAFE, RISK_TYPES, SAFE_NAMES, read_unsafe_names
+from concept_world.build import STAGE0_SAFE_RATE_ON_SAFE, STAGE0_SAFE_RATE_ON_UNSAFE, build_world
+from concept_world.concepts import FALLBACK_UNSAFE, RISK_TYPES, SAFE_NAMES, read_unsafe_names
 
 SHARED_METADATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "unsafeconcepts" / "metadata.jsonl"
 SAFETY_STAGES = ("stage1", "stage2", "sft", "dpo", "ppo")

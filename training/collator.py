@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from safety_modules.images import MAX_IMAGE_PIXELS, load_image
+from safety_modules.labels import IGNORE_INDEX
 from safety_modules.prompting import build_prompt, encode_batch
 
-IGNORE_INDEX = -100
 # Processor outputs with one entry per token: cut together with input_ids under max_length.
 PER_TOKEN_KEYS = ("attention_mask", "mm_token_type_ids", "token_type_ids")
 # What only the safety head reads; a plain base model takes every other key of a batch.

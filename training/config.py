@@ -21,7 +21,7 @@ from safety_modules.config import SafetyConfig
 from safety_modules.configio import ConfigError, from_dict, merge, parse_overrides, read_yaml
 from safety_modules.images import MAX_IMAGE_PIXELS
 from safety_modules.input_format import CONVERSATION_NAMES, IMAGE_PREPROCESS, PROCESSOR_PREPROCESS
-from safety_modules.loading import load_base
+from base_models.loading import load_base
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")

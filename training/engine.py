@@ -19,13 +19,9 @@ process with accumulation and N processes without give the same loss and the sam
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import socket
-import sys
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -39,8 +35,10 @@ from torch.utils.data.distributed import DistributedSampler
 
 from safety_modules.adapter_io import remember_base
 from safety_modules.fileio import CorruptFileError, write_text_atomic
+from safety_modules.labels import IGNORE_INDEX
 from training import checkpoint as ckpt
-from training import runlock
+from runtime import runlock
+from runtime.distributed import all_reduce, import_deepspeed, is_main, setup
 from training.config import TrainConfig
 from training.records import RecordError
 
@@ -53,73 +51,6 @@ LossFn = Callable[[Any, dict[str, torch.Tensor], float], tuple[torch.Tensor, dic
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN or infinite; the message names the step and the last good
     checkpoint (one whose tensors were checked when it was written)."""
-
-
-# -- distributed setup ---------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# The port a lone process picked for its group of one; a process that inherits it (a subprocess of a
-# lone run: the pipeline test, a notebook that trained and then launches `safevlm`) is lone too.
-LONE_PORT_ENV = "SAFEVLM_LONE_PORT"
-
-
-def import_deepspeed():
-    """The `deepspeed` module (with `deepspeed.ops`), its logger writing to stderr. DeepSpeed's logger
-    binds sys.stdout when it is first imported, and warns at once; so every first import goes through
-    here, and stdout keeps only what the CLI prints there (`safevlm train`'s JSON summary)."""
-    with contextlib.redirect_stdout(sys.stderr):
-        import deepspeed
-        import deepspeed.ops
-    return deepspeed
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join (or, for a lone process, create) the process group; returns (rank, world size).
-
-    A lone process sets the launcher's variables itself (RANK=0, WORLD_SIZE=1, a free port). Its
-    subprocesses inherit them; without the `SAFEVLM_LONE_PORT` mark they would take that env for a
-    launcher's and try to bind the parent's port (EADDRINUSE). So a process whose MASTER_PORT is the
-    marked one picks its own port.
-    """
-    deepspeed = import_deepspeed()
-    inherited = os.environ.get(LONE_PORT_ENV) is not None and os.environ.get(LONE_PORT_ENV) == os.environ.get("MASTER_PORT")
-    own_port = False
-    if "RANK" not in os.environ or inherited:   # not launched by torchrun / deepspeed: a group of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        own_port = "MASTER_PORT" not in os.environ or inherited
-        if own_port:
-            os.environ["MASTER_PORT"] = os.environ[LONE_PORT_ENV] = str(_free_port())
-    if not torch.cuda.is_available():
-        # Plain gloo collectives on CPU: DeepSpeed would otherwise JIT-compile a shared-memory op.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not dist.is_initialized():
-        # A port we picked ourselves can be taken by another process before the store binds it
-        # (seen with two runs side by side): pick another, a few times, rather than fail the run.
-        attempts = 5 if own_port else 1
-        for attempt in range(attempts):
-            try:
-                deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-                break
-            except dist.DistNetworkError:
-                if attempt == attempts - 1:
-                    raise
-                os.environ["MASTER_PORT"] = os.environ[LONE_PORT_ENV] = str(_free_port())
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def leave_distributed() -> None:
-    """End a multi-process run cleanly: wait for every rank, then tear the group down. A process that
-    exits with the group alive can abort its peer at exit ("terminate called without an active
-    exception", seen with gloo about one run in five), which the launcher reports as a failed run."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -192,20 +123,6 @@ def gpu_memory() -> dict[str, float]:
         return {}
     return {"gpu_peak_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 3),
             "gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 3)}
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """Collective reduction on CPU-or-device tensors (gloo needs CPU tensors, NCCL device ones)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
-    out = values.to(device)
-    dist.all_reduce(out, op=op)
-    return out.to(values.device)
 
 
 # -- DeepSpeed config and LR schedule ------------------------------------------------------------
@@ -326,7 +243,8 @@ class Trainer:
             weakref.finalize(self, lock.release)
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
-        self.rank, self.world = init_distributed()
+        ctx = setup(group_of_one=True)
+        self.rank, self.world = ctx.rank, ctx.world_size
         torch.manual_seed(self.seed)
         self.accumulation = self.cfg.accumulation(self.world)
         self.global_batch = self.cfg.micro_batch_size * self.world * self.accumulation
@@ -498,7 +416,7 @@ class Trainer:
         start = time.time()
         lr = self.scheduler.get_last_lr()[0]          # the rate this step uses
         # Response tokens in the whole global batch: the LM loss is a mean over all of them.
-        local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches if "labels" in b)
+        local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches if "labels" in b)
         tokens = all_reduce(torch.tensor([float(local), float(sum(int(b["attention_mask"].sum())
                                                                     for b in micro_batches))]))
         lm_items = max(tokens[0].item(), 1.0) / (self.world * self.accumulation)

@@ -32,13 +32,14 @@ from typing import Any, Iterator
 import datasets
 
 from safety_modules.images import MAX_IMAGE_PIXELS, ImageError, load_image, resolve_image_path
+from safety_modules.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 HUMAN = ("human", "user")
 ASSISTANT = ("gpt", "assistant")
 IMAGE_MARKER = "<image>"
-NO_LABEL = -100          # the ignore index of the losses: "this record has no such label"
+NO_LABEL = IGNORE_INDEX  # "this record has no such label": the losses skip it
 PATH_SHOWN = 80          # characters of an invalid image path quoted in its error
 
 FEATURES = datasets.Features({

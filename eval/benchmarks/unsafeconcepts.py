@@ -323,7 +323,7 @@ def _perception_options(rows: Sequence[dict], published: str | Path | None,
                                 f"{lineno - 1} is {row['unsafe_concept']!r}")
             out.append((parsed.option_str or "", parsed.correct_option or ""))
         return out, f"the published file {path}"
-    from training.world.texts import OPTION_LETTERS, option_str
+    from concept_world.texts import OPTION_LETTERS, option_str
 
     rng = random.Random(seed)
     concepts = sorted({r["unsafe_concept"] for r in rows})

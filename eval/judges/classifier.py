@@ -30,7 +30,7 @@ class ClassifierJudge:
         directory = Path(directory)
         if not directory.is_dir():
             raise JudgeError(f"judge classifier: folder not found: {directory}")
-        from training.classifier.model import ResponseClassifier
+        from response_classifier.model import ResponseClassifier
         self.classifier = ResponseClassifier.load(directory, device=device)
         self.name = f"classifier:{directory.name}"
         self.batch_size = batch_size

@@ -17,9 +17,10 @@ def run_training(command: str, train: Callable[[], dict[str, Any]], run_dir: str
     With `run_dir`, the run folder's lock is held for the whole run (by the main process), so a
     second run on the same folder is refused before it loads anything.
     """
-    from training import runlock
+    from runtime import runlock
     from training.checkpoint import NonFiniteCheckpoint
-    from training.engine import TrainingDiverged, is_main, leave_distributed
+    from runtime.distributed import is_main, teardown
+    from training.engine import TrainingDiverged
 
     lock = runlock.acquire(run_dir) if run_dir is not None and runlock.is_main_process() else None
     try:
@@ -32,5 +33,5 @@ def run_training(command: str, train: Callable[[], dict[str, Any]], run_dir: str
             lock.release()
     if is_main():
         print(json.dumps(summary, indent=2))
-    leave_distributed()
+    teardown()
     return 0

@@ -58,7 +58,7 @@ def register(subparsers) -> None:
 
 def _config(args: argparse.Namespace, **flags):
     from safety_modules.configio import load_config
-    from training.classifier.train import ClassifierTrainConfig
+    from response_classifier.train import ClassifierTrainConfig
 
     cfg = load_config(ClassifierTrainConfig, args.config, args.overrides,
                       section="classifier" if args.config else None)
@@ -79,8 +79,8 @@ def _summary(name: str, report: dict) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from training.classifier.data import read_jsonl
-    from training.classifier.train import train_classifier
+    from response_classifier.data import read_jsonl
+    from response_classifier.train import train_classifier
 
     cfg = _config(args, family=args.family)
     train_records = read_jsonl(args.data) if args.data else None
@@ -92,7 +92,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_build_default(args: argparse.Namespace) -> int:
-    from training.classifier.train import build_default
+    from response_classifier.train import build_default
 
     reports = build_default(args.out, _config(args), progress=not args.no_progress)
     for name, report in reports.items():
@@ -101,8 +101,8 @@ def run_build_default(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from training.classifier.answers import generate
-    from training.classifier.data import write_jsonl
+    from response_classifier.answers import generate
+    from response_classifier.data import write_jsonl
 
     records = generate(args.family, args.per_task, args.seed, args.split)
     print(f"{write_jsonl(records, args.out)}: {len(records)} records (family {args.family}, {args.split})")
@@ -110,8 +110,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from training.classifier.data import TASK_LABELS
-    from training.classifier.model import ResponseClassifier
+    from response_classifier.data import TASK_LABELS
+    from response_classifier.model import ResponseClassifier
 
     clf = ResponseClassifier.load(args.model)
     questions = [args.question] * len(args.answer)

@@ -131,11 +131,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from eval import pipeline
-    from eval.distributed import from_env
+    from runtime.distributed import setup
     from eval.models import load_runner
 
     cfg = _config(args)
-    ctx = from_env()
+    ctx = setup()
     out = Path(args.out)
     data = args.data
     if getattr(args, "hub", False):

@@ -22,7 +22,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from safety_modules import SafetyConfig, SafetyGuard, attach, load_adapter
     from safety_modules.images import load_image
-    from safety_modules.loading import load_base
+    from base_models.loading import load_base
 
     images = [load_image(path) for path in args.images]
     model, processor = load_base(args.model)

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.world.build import build_world, format_summary
+    from concept_world.build import build_world, format_summary
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     summary = build_world(

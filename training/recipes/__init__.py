@@ -15,8 +15,10 @@ import torch
 from safety_modules.config import SafetyConfig
 from safety_modules.configio import to_dict
 from safety_modules.fileio import CorruptFileError, read_json, write_json_atomic
+from safety_modules.labels import IGNORE_INDEX
 from training.config import DataConfig
-from training.engine import Trainer, is_main
+from runtime.distributed import is_main
+from training.engine import Trainer
 from training.records import RecordSet, load_records
 
 # name -> "module:function"; imported lazily so `safevlm --help` stays fast.
@@ -84,7 +86,7 @@ def response_lm_metrics(engine, batch: dict[str, torch.Tensor], **forward_kwargs
     out = engine(**batch, **forward_kwargs)
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
-    mask = labels != -100
+    mask = labels != IGNORE_INDEX
     losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
     metrics = {"lm_loss": ((losses * mask).sum(1), mask.sum(1))}
     if getattr(out, "safety_logits", None) is not None:
@@ -95,7 +97,7 @@ def response_lm_metrics(engine, batch: dict[str, torch.Tensor], **forward_kwargs
 def head_accuracy(out, batch: dict[str, torch.Tensor]) -> dict[str, tuple]:
     """Safety-level, safe/unsafe and risk-type accuracy per sample (unlabelled samples weigh 0)."""
     level, risk = batch["safety_labels"], batch["risk_labels"]
-    has_level, has_risk = (level != -100).float(), (risk != -100).float()
+    has_level, has_risk = (level != IGNORE_INDEX).float(), (risk != IGNORE_INDEX).float()
     pred_level, pred_risk = out.safety_logits.argmax(-1), out.risk_logits.argmax(-1)
     return {
         "level_accuracy": ((pred_level == level).float() * has_level, has_level),

@@ -35,7 +35,8 @@ from safety_modules import has_lora, load_adapter
 from safety_modules.configio import ConfigError, from_dict, merge, parse_overrides, read_yaml, to_dict
 from safety_modules.prompting import encode_batch
 from training.config import DataConfig, ModelSpec, TrainConfig, as_model_spec, resolve_base_path, run_section
-from training.engine import TrainingDiverged, all_reduce, is_main
+from runtime.distributed import all_reduce, is_main
+from training.engine import TrainingDiverged
 from training.recipes import write_json
 from training.records import RecordSet
 
@@ -199,13 +200,13 @@ def answer_accuracy(model, rows, batch_size: int, max_new_tokens: int, *, device
 
     Why: likelihood metrics alone reward degenerate models -- DPO's held-out loss keeps falling as
     the learning rate grows while the answers turn to noise (measured on the concept world) -- so
-    the sweep ranks runs on what they answer. The judge is `training.classifier.rules`, neither the
+    the sweep ranks runs on what they answer. The judge is `response_classifier.rules`, neither the
     PPO reward classifier nor the evaluation's judge. Rows are sharded over the processes (every
     process generates the same number of batches; `synced_gpus` for ZeRO-3).
     """
     from safety_modules.images import load_image
     from safety_modules.prompting import build_prompt
-    from training.classifier.rules import rule_based_label
+    from response_classifier.rules import rule_based_label
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n = len(rows)

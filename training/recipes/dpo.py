@@ -33,7 +33,8 @@ from safety_modules.configio import ConfigError
 from training.config import ModelSpec, TrainConfig
 from training.dpo_data import (REFERENCE_START, REFERENCES, IndexedRows, PairCollator, check_pairs, reference_logps,
                                sequence_logps)
-from training.engine import Trainer, is_main
+from runtime.distributed import is_main
+from training.engine import Trainer
 from training.recipes import export_adapter, load_training_records, measured_before, save_run_config, write_json
 from training.recipes.baselines import (BaselineSection, baseline_train_defaults, build_baseline_model, limited,
                                         scored_answers, split_heldout, trainable_parameters)

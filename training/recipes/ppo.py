@@ -48,7 +48,8 @@ from safety_modules.configio import ConfigError
 from safety_modules.fileio import write_bytes_atomic
 from training.checkpoint import nonfinite_tensors
 from training.config import DataConfig, ModelSpec, TrainConfig
-from training.engine import TrainingDiverged, is_main
+from runtime.distributed import is_main
+from training.engine import TrainingDiverged
 from training.recipes import export_adapter, load_training_records, measured_before, save_run_config, write_json
 from training.recipes.baselines import build_baseline_model, load_baseline_config, stage2_adapter_path
 from training.rl.reference import REFERENCE_KIND
@@ -113,7 +114,7 @@ def build_ppo_model(cfg: PPOConfig) -> PolicyWithValue:
 
 def check_labels(records) -> None:
     """Every prompt needs a label its classifier task knows (Safe/Unsafe; A-D for perception)."""
-    from training.classifier.data import TASK_LABELS
+    from response_classifier.data import TASK_LABELS
 
     for row in records:
         task = classifier_task(row["task"] or None)

@@ -13,7 +13,8 @@ from typing import Any
 
 from training.collator import TrainingCollator, plain_model_inputs
 from training.config import Stage0Config, resolve_base_path
-from training.engine import Trainer, is_main
+from runtime.distributed import is_main
+from training.engine import Trainer
 from training.recipes import load_training_records, measured_before, response_lm_metrics, save_run_config, write_json
 
 def _plain(batch):

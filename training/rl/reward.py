@@ -59,7 +59,7 @@ class RewardOutput:
 
 
 class ClassifierReward:
-    """Scores answers with a `ResponseClassifier` (training/classifier/model.py)."""
+    """Scores answers with a `ResponseClassifier` (response_classifier/model.py)."""
 
     def __init__(self, classifier, kind: str = "logprob", batch_size: int = 64) -> None:
         self.classifier = classifier
@@ -69,7 +69,7 @@ class ClassifierReward:
     @classmethod
     def load(cls, directory: str | Path, kind: str = "logprob", device: str | torch.device = "cpu",
              batch_size: int = 64) -> "ClassifierReward":
-        from training.classifier.model import ResponseClassifier
+        from response_classifier.model import ResponseClassifier
 
         return cls(ResponseClassifier.load(directory, device=device), kind, batch_size)
 
@@ -77,7 +77,7 @@ class ClassifierReward:
     def __call__(self, questions: Sequence[str], answers: Sequence[str], labels: Sequence[str],
                  tasks: Sequence[str] | str = ALIGNMENT) -> RewardOutput:
         """Rewards for N answers; `tasks` is one classifier task or one per answer."""
-        from training.classifier.data import TASK_LABELS
+        from response_classifier.data import TASK_LABELS
 
         n = len(questions)
         if len(answers) != n or len(labels) != n:
@@ -135,7 +135,7 @@ def classifier_reward_fn(classifier_dir: str | Path, task: str = ALIGNMENT, kind
     i.e. a dataset column `labels` (another name: `label_column`). A `task` column, when the
     dataset has one, overrides `task` per sample (records' "text_alignment" is judged as alignment).
     """
-    from training.classifier.data import check_task
+    from response_classifier.data import check_task
 
     check_task(task)
     reward = ClassifierReward.load(classifier_dir, kind=kind, device=device, batch_size=batch_size)

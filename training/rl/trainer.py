@@ -43,11 +43,11 @@ from safety_modules.configio import ConfigError
 from safety_modules.images import MAX_IMAGE_PIXELS, load_image
 from safety_modules.prompting import build_prompt, encode_batch
 from training import checkpoint as ckpt
-from training import runlock
+from runtime import runlock
 from training.config import TrainConfig
-from training.engine import (TrainingDiverged, all_reduce, deepspeed_config, gpu_memory, import_deepspeed,
-                             init_distributed, is_main, load_latest_checkpoint, lr_schedule, truncate_metrics,
-                             use_bf16)
+from runtime.distributed import all_reduce, import_deepspeed, is_main, setup
+from training.engine import (TrainingDiverged, deepspeed_config, gpu_memory, load_latest_checkpoint, lr_schedule,
+                             truncate_metrics, use_bf16)
 from training.rl.losses import (AdaptiveKLController, entropy_from_logits, gae, kl_estimate, masked_mean, policy_loss,
                                 token_logprobs, token_rewards, value_loss)
 from training.rl.reward import ClassifierReward, classifier_task
@@ -229,7 +229,8 @@ class PPOTrainer:
                               "of train.micro_batch_size forward passes each")
         if train.torch_threads:
             torch.set_num_threads(train.torch_threads)
-        self.rank, self.world = init_distributed()
+        ctx = setup(group_of_one=True)
+        self.rank, self.world = ctx.rank, ctx.world_size
         torch.manual_seed(seed + rank_seed_offset(self.rank))     # each rank samples its own answers
         self.prompts = BalancedPrompts([row["label"] for row in self.records], rollout.batch_size, self.rank, self.world, seed)
         minibatch, rest = divmod(rollout.batch_size, ppo.minibatches)

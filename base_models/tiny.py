@@ -26,7 +26,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from safety_modules.prompting import LLAVA_CHAT_TEMPLATE
-from safety_modules.tiny_corpus import corpus
+from base_models.tiny_corpus import corpus
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 

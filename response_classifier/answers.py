@@ -31,8 +31,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, fields
 
-from training.classifier.data import ALIGNMENT, PERCEPTION, TASK_LABELS, Record
-from training.world.texts import ALIGNMENT_PROMPTS, PERCEPTION_PROMPT, TEXT_ALIGNMENT_PROMPTS
+from response_classifier.data import ALIGNMENT, PERCEPTION, TASK_LABELS, Record
+from concept_world.texts import ALIGNMENT_PROMPTS, PERCEPTION_PROMPT, TEXT_ALIGNMENT_PROMPTS
 
 FAMILIES: tuple[str, ...] = ("a", "b")
 SPLITS: tuple[str, ...] = ("train", "heldout")

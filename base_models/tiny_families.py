@@ -4,7 +4,7 @@ Why: the per-family proofs (equivalence with the unchanged model, generation, tr
 run on CPU in seconds without a download. Each builder makes the family's real model class, a
 byte-level BPE tokenizer trained locally (with the family's special tokens) and the family's real
 processor with a small chat template in the family's own format. Nothing in the model layer imports
-this module; `safety_modules.loading` builds `tiny-<family>` through it on demand.
+this module; `base_models.loading` builds `tiny-<family>` through it on demand.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from safety_modules.processors import pixtral_processor_class, without_video
-from safety_modules.tiny import build_tiny_tokenizer
+from base_models.tiny import build_tiny_tokenizer
 
 TEXT_HIDDEN = 64
 TEXT_LAYERS = 2
@@ -378,7 +378,7 @@ BUILDERS: dict[str, tuple[Callable[[], PreTrainedTokenizerFast], Callable]] = {
 }
 
 
-# built by safety_modules.tiny (the original tiny models, with their own size options)
+# built by base_models.tiny (the original tiny models, with their own size options)
 LLAVA_FAMILIES = ("llava", "llava_next")
 
 
@@ -390,7 +390,7 @@ def tiny_families() -> list[str]:
 def build_tiny_family(family: str, seed: int = 0):
     """A tiny (model, processor) pair of `family` (a model_type); the same seed gives the same weights."""
     if family in LLAVA_FAMILIES:
-        from safety_modules.tiny import build_tiny_llava
+        from base_models.tiny import build_tiny_llava
         return build_tiny_llava(seed=seed, family=family)
     if family not in BUILDERS:
         raise ValueError(f"build_tiny_family: no tiny builder for {family!r}; known: {tiny_families()}")

@@ -1,5 +1,5 @@
 """The concept world: a procedural stand-in for UnsafeConcepts that a tiny VLM can learn on a CPU."""
 
-from training.world.build import build_world, format_summary
+from concept_world.build import build_world, format_summary
 
 __all__ = ["build_world", "format_summary"]

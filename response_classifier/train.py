@@ -25,10 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from safety_modules.configio import ConfigError
-from training.classifier.answers import FAMILIES, generate
-from training.classifier.data import TASK_LABELS, TASKS, Record
-from training.classifier.model import DEFAULT_BACKBONE, ResponseClassifier
-from training.classifier.rules import rule_based_label
+from response_classifier.answers import FAMILIES, generate
+from response_classifier.data import TASK_LABELS, TASKS, Record
+from response_classifier.model import DEFAULT_BACKBONE, ResponseClassifier
+from response_classifier.rules import rule_based_label
 
 logger = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from safety_modules.fileio import write_json_atomic
-from training.world import texts
-from training.world.concepts import CATEGORIES, RISK_TYPES, Concept, select_concepts
-from training.world.render import assign_traits, category_traits, render
+from concept_world import texts
+from concept_world.concepts import CATEGORIES, RISK_TYPES, Concept, select_concepts
+from concept_world.render import assign_traits, category_traits, render
 
 # LLaVA-1.5-7B on UnsafeConcepts (the paper's measurement): share of image questions answered "safe".
 STAGE0_SAFE_RATE_ON_UNSAFE = 0.79

@@ -2,8 +2,8 @@
 
 Why local only: nothing in tests or the default run may download from a hub. A model spec is
 `tiny` (tiny LLaVA), `tiny-next` (tiny LLaVA-NeXT), `tiny-<model_type>` (a tiny random model of
-any family in safety_modules/tiny_families.py, e.g. `tiny-qwen2_vl`), `shape:NAME` (random weights of a real model's
-shape, e.g. `shape:llava-1.5-7b`, see safety_modules/shapes.py) or a folder written by
+any family in base_models/tiny_families.py, e.g. `tiny-qwen2_vl`), `shape:NAME` (random weights of a real model's
+shape, e.g. `shape:llava-1.5-7b`, see base_models/shapes.py) or a folder written by
 `save_pretrained`.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from safety_modules.input_format import PROCESSOR_PREPROCESS, configure_input
-from safety_modules.tiny_families import tiny_families
+from base_models.tiny_families import tiny_families
 
 TINY_PREFIX = "tiny-"
 TINY_LLAVA_SPECS = {"tiny": "llava", "tiny-next": "llava_next", "tiny-llava": "llava", "tiny-llava_next": "llava_next"}
@@ -37,15 +37,15 @@ def load_base(spec: str, dtype: torch.dtype | None = None, device: str | torch.d
     `conversation` format its inputs (see `safety_modules.input_format`), for training and
     evaluation alike."""
     if spec in TINY_LLAVA_SPECS:
-        from safety_modules.tiny import build_tiny_llava
+        from base_models.tiny import build_tiny_llava
         model, processor = build_tiny_llava(seed=seed, family=TINY_SPECS[spec], **tiny_sizes)
     elif spec in TINY_SPECS:
         if tiny_sizes:
             raise ValueError(f"model {spec!r}: tiny sizes {sorted(tiny_sizes)} apply to the tiny LLaVA models only")
-        from safety_modules.tiny_families import build_tiny_family
+        from base_models.tiny_families import build_tiny_family
         model, processor = build_tiny_family(TINY_SPECS[spec], seed=seed)
     elif spec.startswith(SHAPE_PREFIX):
-        from safety_modules.shapes import random_llava
+        from base_models.shapes import random_llava
         build_device = device or _shape_device()
         build_dtype = dtype or (torch.bfloat16 if str(build_device).startswith("cuda") else torch.float32)
         model, processor = random_llava(spec[len(SHAPE_PREFIX):], build_device, build_dtype, seed=seed)

@@ -4,14 +4,14 @@ Why: the evaluation reports how often the trained classifiers agree with a trans
 reader can see when a number depends on a learned judge. The rules are deliberately simple and
 readable; they handle clear answers (a leading yes/no, an explicit verdict word, one option letter
 or one option text) and say NA otherwise. They follow the same labelling conventions as the answer
-generator (`training.classifier.answers`): a refusal counts as Unsafe only when it names a harm.
+generator (`response_classifier.answers`): a refusal counts as Unsafe only when it names a harm.
 """
 
 from __future__ import annotations
 
 import re
 
-from training.classifier.data import ALIGNMENT, PERCEPTION, check_task, named_option
+from response_classifier.data import ALIGNMENT, PERCEPTION, check_task, named_option
 
 # --- alignment -----------------------------------------------------------------------------------
 _NEG_WORDS = (r"unsafe|harmful|inappropriate|offensive|disturbing|dangerous|violate|nsfw|explicit|"

@@ -16,15 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-ALIGNMENT = "alignment"
-PERCEPTION = "perception"
-TASKS: tuple[str, ...] = (ALIGNMENT, PERCEPTION)
-TASK_LABELS: dict[str, tuple[str, ...]] = {
-    ALIGNMENT: ("Safe", "Unsafe", "NA"),
-    PERCEPTION: ("A", "B", "C", "D", "NA"),
-}
+from safety_modules.labels import ALIGNMENT, NA, OPTIONS, PERCEPTION, TASK_LABELS, TASKS, VERDICTS
+
 # The model's output units, in order; a task's labels are a subset (masking selects them).
-LABELS: tuple[str, ...] = ("Safe", "Unsafe", "A", "B", "C", "D", "NA")
+LABELS: tuple[str, ...] = (*VERDICTS, *OPTIONS, NA)
 FIELDS: tuple[str, ...] = ("task", "question", "answer", "label")
 _OPTION_LINE = re.compile(r"^\s*([A-D])\s*[:.)]\s*(.+?)\s*$", re.MULTILINE)
 

@@ -34,7 +34,7 @@ def random_llava(shape: str, device: str | torch.device, dtype: torch.dtype = to
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from safety_modules.prompting import LLAVA_CHAT_TEMPLATE
-    from safety_modules.tiny import build_tiny_tokenizer
+    from base_models.tiny import build_tiny_tokenizer
 
     if shape not in SHAPES:
         raise ValueError(f"model shape: expected one of {sorted(SHAPES)}, got {shape!r}")

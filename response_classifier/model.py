@@ -12,7 +12,7 @@ evaluation needs labels; both read the same model through `probabilities`.
   Mean pooling rather than `AutoModelForSequenceClassification`'s first-token pooler: MiniLM was
   trained as a mean-pooled sentence encoder, its [CLS] state and pooler are not; measured on
   held-out alignment templates after 50 / 100 steps: 0.86 / 0.93 (mean) vs 0.79 / 0.84 ([CLS]).
-- One model, 7 output units, per-task masked softmax: see `training.classifier.data`.
+- One model, 7 output units, per-task masked softmax: see `response_classifier.data`.
 
 Files: the encoder by `save_pretrained` (model.safetensors + config.json), the head in
 head.safetensors, the tokenizer, and classifier_config.json. Weights load from safetensors only.
@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safety_modules.fileio import write_json_atomic
-from training.classifier.data import LABELS, PERCEPTION, TASK_LABELS, check_task, option_mentions
+from response_classifier.data import LABELS, PERCEPTION, TASK_LABELS, check_task, option_mentions
 
 logger = logging.getLogger(__name__)
 
