@@ -54,6 +54,7 @@ RECORDS_DIR = "records"
 METADATA_FILE = "metadata.jsonl"                       # UnsafeConcepts rows
 PERCEPTION_FILE = "perception_metadata.jsonl"          # perception questions with their options
 WORLD_FILE = "world.json"                              # how the concept world was built
+IMAGES_DIR = "images"                                  # the concept world's renders
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,10 @@ class DataLayout:
     @property
     def world(self) -> Path:
         return self.root / WORLD_FILE
+
+    @property
+    def images(self) -> Path:
+        return self.root / IMAGES_DIR
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 Writer = Callable[[BinaryIO], None]
 
@@ -149,3 +149,16 @@ def read_json(path: str | Path, what: str = "file") -> Any:
         raise CorruptFileError(f"{path}: {what} is not valid JSON ({exc.msg} at line {exc.lineno} column "
                                f"{exc.colno}{cut})") from None
 
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSON-lines file; a line that is not
+    JSON is a CorruptFileError naming the file, the line and the column."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorruptFileError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None

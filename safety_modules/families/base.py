@@ -207,6 +207,23 @@ class PooledFeaturesAdapter(FamilyAdapter):
         return VisionFeatures(base=list(out.pooler_output), patches=patches, extras=[{} for _ in out.pooler_output])
 
 
+class DynamicResolutionAdapter(FamilyAdapter):
+    """Towers that see each image at its own resolution (Mistral 3, Qwen2-VL): the patch grid of
+    every image comes from one image input (`image_input_names[0]`), and the safety projector reads
+    the patches resampled to `DYNAMIC_PATCH_GRID`."""
+
+    def patch_grid(self, config) -> int:
+        return DYNAMIC_PATCH_GRID
+
+    def _encode(self, model: nn.Module, pixel_values: torch.Tensor, image_inputs: dict, purpose: str):
+        """(the grid input, the tower's output with hidden states); the grid input is required, to `purpose`."""
+        name = self.image_input_names[0]
+        grids = self._required_input(model, image_inputs, name, purpose)
+        out = model.get_image_features(pixel_values=pixel_values, output_hidden_states=True, return_dict=True,
+                                       **{name: grids})
+        return grids, out
+
+
 def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
     for model_type in adapter.model_types:
         _REGISTRY[model_type] = adapter

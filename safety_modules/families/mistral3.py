@@ -10,21 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from safety_modules.families.base import DYNAMIC_PATCH_GRID, FamilyAdapter, VisionFeatures, register_family
+from safety_modules.families.base import DynamicResolutionAdapter, VisionFeatures, register_family
 
 
-class Mistral3Adapter(FamilyAdapter):
+class Mistral3Adapter(DynamicResolutionAdapter):
     model_types = ("mistral3",)
     image_input_names = ("image_sizes",)
 
-    def patch_grid(self, config) -> int:
-        return DYNAMIC_PATCH_GRID
-
     def image_features(self, model: nn.Module, pixel_values: torch.Tensor, image_inputs: dict,
                        feature_layer: int) -> VisionFeatures:
-        image_sizes = self._required_input(model, image_inputs, "image_sizes", "cut its patch grids")
-        out = model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes,
-                                       output_hidden_states=True, return_dict=True)
+        image_sizes, out = self._encode(model, pixel_values, image_inputs, "cut its patch grids")
         patch = model.config.vision_config.patch_size
         grids = [(int(h) // patch, int(w) // patch) for h, w in image_sizes.tolist()]
         hidden = out.hidden_states[feature_layer].squeeze(0)  # every image's patches, one sequence

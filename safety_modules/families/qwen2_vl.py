@@ -12,21 +12,18 @@ import torch
 from torch import nn
 from transformers.vision_utils import get_vision_window_index
 
-from safety_modules.families.base import DYNAMIC_PATCH_GRID, FamilyAdapter, VisionFeatures, register_family
+from safety_modules.families.base import DynamicResolutionAdapter, VisionFeatures, register_family
 
 IMAGE_TYPE = 1  # `mm_token_type_ids` value of an image position (0 = text)
 DEEPSTACK = "deepstack_features"
 
 
-class Qwen2VLAdapter(FamilyAdapter):
+class Qwen2VLAdapter(DynamicResolutionAdapter):
     model_types = ("qwen2_vl",)
     image_input_names = ("image_grid_thw",)
 
     def vision_width(self, config) -> int:
         return config.vision_config.embed_dim
-
-    def patch_grid(self, config) -> int:
-        return DYNAMIC_PATCH_GRID
 
     def _unwindow(self, hidden: torch.Tensor, grid_thw: torch.Tensor, vision_config) -> torch.Tensor:
         """Patches in the processor's order (windows undone); Qwen2-VL has no windows."""
@@ -34,9 +31,7 @@ class Qwen2VLAdapter(FamilyAdapter):
 
     def image_features(self, model: nn.Module, pixel_values: torch.Tensor, image_inputs: dict,
                        feature_layer: int) -> VisionFeatures:
-        grid_thw = self._required_input(model, image_inputs, "image_grid_thw", "lay out its patches")
-        out = model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid_thw,
-                                       output_hidden_states=True, return_dict=True)
+        grid_thw, out = self._encode(model, pixel_values, image_inputs, "lay out its patches")
         vc = model.config.vision_config
         hidden = self._unwindow(out.hidden_states[feature_layer], grid_thw, vc)
         merge = vc.spatial_merge_size
@@ -105,6 +100,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                    prompt_mask: torch.Tensor | None = None) -> dict:
         inputs = super().llm_inputs(model, input_ids, attention_mask, image_positions, vision, prompt_mask)
         if vision is not None:
+            # Qwen3-VL's modeling module, heavy, is imported only when a Qwen3-VL model runs
             from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
             layers = len(vision.extras[0][DEEPSTACK])
