@@ -1,6 +1,6 @@
 """Procedural renderer of the concept world: one bold pattern per concept, shared traits per category.
 
-Why these traits: a tiny ViT (patch 8 at 32 px) must learn the world in minutes, so every feature is
+Why these traits: a tiny ViT (patch 8 at 32 px) must learn the world quickly on a CPU, so every feature is
 large. A concept is a central glyph, a SHAPE in a COLOUR, plus its group's look: every concept of an
 unsafe category shares a dark FRAME in the category's hue and a striped/checked TEXTURE inside it
 (what lets a held-out concept of a seen category be recognised as unsafe, and its risk type named);
@@ -19,6 +19,8 @@ import random
 
 import numpy as np
 from PIL import Image
+
+from concept_world.concepts import SAFE_CATEGORY
 
 SHAPES = ["circle", "ring", "square", "diamond", "triangle", "plus", "cross", "flower", "hexagon", "bars"]
 # Saturated shape colours (RGB 0..1), far apart so nearest-colour perception works at 32 px.
@@ -89,7 +91,7 @@ def assign_traits(groups: list[tuple[str, list[str]]], seed: int) -> dict[str, d
         for j, name in enumerate(names):
             shape, colour = glyphs[j]
             traits[name] = {"shape": shape, "colour": colour}
-            if group == "Safe":
+            if group == SAFE_CATEGORY:
                 # A pale background tint per safe concept: one more cue to tell safe concepts apart.
                 traits[name]["background_hue"] = round(rng.random(), 4)
     return traits

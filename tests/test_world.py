@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from concept_world.build import STAGE0_SAFE_RATE_ON_SAFE, STAGE0_SAFE_RATE_ON_UNSAFE, build_world
+from concept_world.build import build_world
 from concept_world.concepts import FALLBACK_UNSAFE, RISK_TYPES, SAFE_NAMES, read_unsafe_names
+from concept_world.config import WorldConfig
+from concept_world.records import STAGE0_SAFE_RATE_ON_SAFE, STAGE0_SAFE_RATE_ON_UNSAFE
 
 SHARED_METADATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "unsafeconcepts" / "metadata.jsonl"
 SAFETY_STAGES = ("stage1", "stage2", "sft", "dpo", "ppo")
@@ -188,8 +190,8 @@ def test_stage0_answers_like_llava(world):
 
 
 def test_fallback_names_without_shared_metadata(tmp_path):
-    summary = build_world(tmp_path / "w", concepts=9, images_per_concept=2, size=48,
-                          metadata=tmp_path / "missing.jsonl", progress=False)
+    summary = build_world(tmp_path / "w", WorldConfig(concepts=9, images_per_concept=2, size=48,
+                                                      metadata=str(tmp_path / "missing.jsonl")), progress=False)
     assert summary["source"] == "fallback"
     meta = json.loads((tmp_path / "w" / "world.json").read_text())
     fallback = {n for names in FALLBACK_UNSAFE.values() for n in names}
@@ -203,7 +205,8 @@ def test_names_from_shared_metadata(tmp_path):
     if not SHARED_METADATA.is_file():
         pytest.skip(reason=f"UnsafeConcepts metadata not found at {SHARED_METADATA}")
     real = read_unsafe_names(SHARED_METADATA)
-    summary = build_world(tmp_path / "w", concepts=9, images_per_concept=2, metadata=SHARED_METADATA, progress=False)
+    summary = build_world(tmp_path / "w", WorldConfig(concepts=9, images_per_concept=2, metadata=str(SHARED_METADATA)),
+                          progress=False)
     assert summary["source"] == "unsafeconcepts"
     for c in json.loads((tmp_path / "w" / "world.json").read_text())["concepts"]:
         assert c["is_safe"] or c["name"] in real[c["category"]]
@@ -214,11 +217,11 @@ def test_names_from_shared_metadata(tmp_path):
 def test_bad_metadata_names_file_and_line(tmp_path):
     bad = tmp_path / "metadata.jsonl"
     bad.write_text('{"category": "Hate", "unsafe_concept": "x"}\n{not json\n')
-    with pytest.raises(ValueError, match=r"metadata.jsonl:2: malformed JSON"):
-        build_world(tmp_path / "w", metadata=bad, progress=False)
+    with pytest.raises(ValueError, match=r"metadata.jsonl:2: not valid JSON"):
+        build_world(tmp_path / "w", WorldConfig(metadata=str(bad)), progress=False)
     bad.write_text('{"category": "Cooking", "unsafe_concept": "x"}\n')
     with pytest.raises(ValueError, match=r"metadata.jsonl:1: field 'category'"):
-        build_world(tmp_path / "w", metadata=bad, progress=False)
+        build_world(tmp_path / "w", WorldConfig(metadata=str(bad)), progress=False)
 
 
 def test_cli_builds_and_refuses_to_clobber(tmp_path):
@@ -235,10 +238,9 @@ def test_cli_builds_and_refuses_to_clobber(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The validation split (hyperparameters are chosen on it) and folds of held-out concepts
 # ----------------------------------------------------------------------------------------------
-VALIDATION_WORLD = dict(concepts=27, images_per_concept=10, heldout_render_fraction=0.1,
-                        validation_render_fraction=0.1, validation_unsafe=9, validation_safe=9,
-                        heldout_unsafe=9, heldout_safe=9, questions_per_image=1, perception_per_image=1,
-                        progress=False)
+VALIDATION_WORLD = WorldConfig(concepts=27, images_per_concept=10, heldout_render_fraction=0.1,
+                               validation_render_fraction=0.1, validation_unsafe=9, validation_safe=9,
+                               heldout_unsafe=9, heldout_safe=9, questions_per_image=1, perception_per_image=1)
 
 
 def _roles(out: Path) -> dict[str, str]:
@@ -248,7 +250,8 @@ def _roles(out: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def seeded_worlds(tmp_path_factory):
     root = tmp_path_factory.mktemp("seeded")
-    return [build_world(root / f"s{seed}", seed=seed, **VALIDATION_WORLD) and root / f"s{seed}" for seed in (0, 1, 2)]
+    return [build_world(root / f"s{seed}", VALIDATION_WORLD, seed, progress=False) and root / f"s{seed}"
+            for seed in (0, 1, 2)]
 
 
 def test_validation_concepts_are_fixed_and_heldout_concepts_rotate_with_the_seed(seeded_worlds):
