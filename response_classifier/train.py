@@ -1,13 +1,14 @@
 """Fine-tuning the response classifier, and building the default pair (PPO reward + evaluation judge).
 
 Why a plain loop and not `transformers.Trainer`: the data are a few thousand short texts, batches are
-per task (each task has its own masked softmax) and bucketed by length, and the whole default build
-must fit in ~2 minutes on 2 CPU cores; a 60-line loop with AdamW and linear warm-up/decay does that
-with no Trainer/accelerate configuration to keep in step across transformers versions.
+per task (each task has its own masked softmax) and bucketed by length, and the default build must
+stay cheap on a CPU; a short loop with AdamW and linear warm-up/decay does that with no
+Trainer/accelerate configuration to keep in step across transformers versions. Its steps: the
+records (`_training_data`), the optimizer (`_optimizer`), the loop (`_fit`), the report.
 
 Why two classifiers: PPO must not be graded only by its own reward model (the reference code used
 one classifier for both, which flatters PPO). `build_default` trains the reward classifier on
-template family "a" and the judge on family "b" (disjoint templates, different seeds), and reports
+template family "a" and the judge on family "b" (disjoint templates, seeds one apart), and reports
 each one's accuracy on the other family's held-out answers too.
 """
 
@@ -24,16 +25,20 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from safety_modules.configio import ConfigError
 from response_classifier.answers import FAMILIES, generate
-from response_classifier.data import TASK_LABELS, TASKS, Record
+from response_classifier.data import Record
 from response_classifier.model import DEFAULT_BACKBONE, ResponseClassifier
 from response_classifier.rules import rule_based_label
+from runtime.layout import JUDGE_CLASSIFIER, REWARD_CLASSIFIER
+from safety_modules.configio import ConfigError
+from safety_modules.labels import ALIGNMENT, PERCEPTION, TASKS
 
 logger = logging.getLogger(__name__)
 
-REWARD_DIR = "reward"
-JUDGE_DIR = "judge"
+REWARD_FAMILY = "a"        # the PPO reward's template family
+JUDGE_FAMILY = "b"         # the evaluation judge's: no template shared with the reward's
+JUDGE_SEED_OFFSET = 1      # the judge's seed is the reward's + 1: its data and head init differ too
+MAX_GRAD_NORM = 1.0
 
 
 @dataclass
@@ -49,7 +54,7 @@ class ClassifierTrainConfig:
     epochs: int = 1                     # fresh generated answers beat repeated ones at equal cost
     batch_size: int = 16
     lr: float = 2e-4                    # encoder
-    head_lr: float = 2e-3               # the new linear head learns 10x faster (measured: fewer steps)
+    head_lr: float = 2e-3               # the new linear head, trained from scratch, learns faster
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     max_question_tokens: int = 48       # the question's tail is kept (options, polarity)
@@ -132,37 +137,46 @@ def _split(records: list[Record], fraction: float, seed: int) -> tuple[list[Reco
     return shuffled[n_eval:], shuffled[:n_eval]
 
 
-def train_classifier(cfg: ClassifierTrainConfig, train_records: list[Record] | None = None,
-                     eval_records: list[Record] | None = None, out_dir: str | Path | None = None,
-                     progress: bool = True, device: str = "cpu") -> tuple[ResponseClassifier, dict[str, Any]]:
-    """Fine-tune `cfg.base` on `train_records` (default: generated from `cfg.family`'s training
-    templates) and report accuracy on `eval_records` (default: answers from the family's held-out
-    templates; with user data and no eval set, a random `eval_fraction` of it). Saves to `out_dir`."""
-    start, start_cpu = time.perf_counter(), time.process_time()
-    if train_records is None:
-        train_records = generate(cfg.family, {"alignment": cfg.train_alignment,
-                                              "perception": cfg.train_perception}, cfg.seed, "train")
-        source = f"generated, template family {cfg.family}, seed {cfg.seed}"
-        if eval_records is None:
-            eval_records = generate(cfg.family, cfg.heldout_per_task, cfg.seed, "heldout")
-            eval_kind = f"held-out templates of family {cfg.family}"
-        else:
-            eval_kind = "given evaluation records"
-    else:
-        source = "given records"
-        if eval_records is None:
-            train_records, eval_records = _split(list(train_records), cfg.eval_fraction, cfg.seed)
-            eval_kind = f"random {cfg.eval_fraction:.0%} of the given records"
-        else:
-            eval_kind = "given evaluation records"
+@dataclass
+class TrainingData:
+    """The records one classifier is trained and scored on, and where each came from (for its report)."""
 
-    clf = ResponseClassifier.from_backbone(cfg.base, cfg.max_question_tokens, cfg.max_answer_tokens,
-                                           seed=cfg.seed, device=device)
-    clf.meta.family = cfg.family if source.startswith("generated") else None
-    rng = random.Random(f"classifier-batches/{cfg.seed}")
-    epochs = [make_batches(train_records, cfg.batch_size, rng) for _ in range(cfg.epochs)]
-    total = sum(len(e) for e in epochs)
-    warmup = int(cfg.warmup_ratio * total)
+    train: list[Record]
+    eval: list[Record]
+    source: str              # what the training records are
+    eval_kind: str           # what the evaluation records are
+    family: str | None       # the template family of generated training records; None for given ones
+
+
+def _training_data(cfg: ClassifierTrainConfig, train_records: list[Record] | None,
+                   eval_records: list[Record] | None) -> TrainingData:
+    """Generated records of `cfg.family` where none are given; a random held-out share of given
+    training records where no evaluation records are."""
+    given_eval = "given evaluation records"
+    if train_records is None:
+        train = generate(cfg.family, {ALIGNMENT: cfg.train_alignment, PERCEPTION: cfg.train_perception},
+                         cfg.seed, "train")
+        source = f"generated, template family {cfg.family}, seed {cfg.seed}"
+        if eval_records is not None:
+            return TrainingData(train, eval_records, source, given_eval, cfg.family)
+        return TrainingData(train, generate(cfg.family, cfg.heldout_per_task, cfg.seed, "heldout"), source,
+                            f"held-out templates of family {cfg.family}", cfg.family)
+    if eval_records is not None:
+        return TrainingData(train_records, eval_records, "given records", given_eval, None)
+    train, held = _split(list(train_records), cfg.eval_fraction, cfg.seed)
+    return TrainingData(train, held, "given records", f"random {cfg.eval_fraction:.0%} of the given records", None)
+
+
+def _warmup_then_linear_decay(warmup: int, total: int):
+    """The learning-rate factor of step s: linear warm-up over `warmup` steps, then linear decay to 0."""
+    def factor(s: int) -> float:
+        return (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    return factor
+
+
+def _optimizer(clf: ResponseClassifier, cfg: ClassifierTrainConfig, total: int):
+    """AdamW with the encoder and the new head at their own learning rates, its schedule, and the
+    parameters it trains (word embeddings frozen with `freeze_embeddings`)."""
     if cfg.freeze_embeddings:
         clf.model.encoder.get_input_embeddings().weight.requires_grad_(False)
     encoder_params = [p for p in clf.model.encoder.parameters() if p.requires_grad]
@@ -170,43 +184,69 @@ def train_classifier(cfg: ClassifierTrainConfig, train_records: list[Record] | N
     optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": cfg.lr},
                                    {"params": list(clf.model.head.parameters()), "lr": cfg.head_lr}],
                                   weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    warmup = int(cfg.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_linear_decay(warmup, total))
+    return optimizer, scheduler, params
 
+
+def _fit(clf: ResponseClassifier, cfg: ClassifierTrainConfig, train: list[Record], progress: bool) -> int:
+    """Train `clf` for `cfg.epochs` epochs of single-task batches; return the optimizer steps taken."""
+    rng = random.Random(f"classifier-batches/{cfg.seed}")
+    epochs = [make_batches(train, cfg.batch_size, rng) for _ in range(cfg.epochs)]
+    total = sum(len(e) for e in epochs)
+    optimizer, scheduler, params = _optimizer(clf, cfg, total)
     clf.model.train()
     step = 0
     bar = tqdm(total=total, desc=f"classifier ({cfg.family})", disable=not progress, unit="step")
-    for batches in epochs:
-        for batch in batches:
-            task = batch[0].task
-            logits = clf.task_logits([r.question for r in batch], [r.answer for r in batch], task)
-            loss = torch.nn.functional.cross_entropy(logits, clf.label_ids([r.label for r in batch], task))
-            if not math.isfinite(loss.item()):
-                raise RuntimeError(f"classifier training: loss is {loss.item()} at step {step}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    for batch in (batch for batches in epochs for batch in batches):
+        task = batch[0].task
+        logits = clf.task_logits([r.question for r in batch], [r.answer for r in batch], task)
+        loss = torch.nn.functional.cross_entropy(logits, clf.label_ids([r.label for r in batch], task))
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"classifier training: loss is {loss.item()} at step {step}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     clf.model.eval()
+    return step
+
+
+def _without_errors(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k != "errors"}
+
+
+def train_classifier(cfg: ClassifierTrainConfig, train_records: list[Record] | None = None,
+                     eval_records: list[Record] | None = None, out_dir: str | Path | None = None,
+                     progress: bool = True, device: str = "cpu") -> tuple[ResponseClassifier, dict[str, Any]]:
+    """Fine-tune `cfg.base` on `train_records` (default: generated from `cfg.family`'s training
+    templates) and report accuracy on `eval_records` (default: answers from the family's held-out
+    templates; with user data and no eval set, a random `eval_fraction` of it). Saves to `out_dir`."""
+    start, start_cpu = time.perf_counter(), time.process_time()
+    data = _training_data(cfg, train_records, eval_records)
+    clf = ResponseClassifier.from_backbone(cfg.base, cfg.max_question_tokens, cfg.max_answer_tokens,
+                                           seed=cfg.seed, device=device)
+    clf.meta.family = data.family
+    steps = _fit(clf, cfg, data.train, progress)
     train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
 
-    metrics = evaluate(clf, eval_records)
+    metrics = evaluate(clf, data.eval)
     clf.meta.report = {
-        "heldout": {k: v for k, v in metrics.items() if k != "errors"},
-        "heldout_kind": eval_kind,
-        "train_source": source,
-        "train_records": len(train_records),
-        "steps": step,
+        "heldout": _without_errors(metrics),
+        "heldout_kind": data.eval_kind,
+        "train_source": data.source,
+        "train_records": len(data.train),
+        "steps": steps,
         "train_seconds": round(train_s, 1),
         "train_cpu_seconds": round(train_cpu_s, 1),   # core-seconds: wall time if the cores were free
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
     }
-    logger.info("classifier %s: held-out accuracy %.4f (%s)", cfg.family, metrics["accuracy"], eval_kind)
+    logger.info("classifier %s: held-out accuracy %.4f (%s)", cfg.family, metrics["accuracy"], data.eval_kind)
     if out_dir is not None:
         clf.save(out_dir)
     return clf, {**clf.meta.report, "errors": metrics["errors"]}
@@ -215,17 +255,19 @@ def train_classifier(cfg: ClassifierTrainConfig, train_records: list[Record] | N
 def build_default(out_dir: str | Path, cfg: ClassifierTrainConfig | None = None, progress: bool = True,
                   device: str = "cpu") -> dict[str, dict[str, Any]]:
     """Train the reward classifier (family a, seed s) into OUT/reward and the evaluation judge
-    (family b, seed s + 1) into OUT/judge; each is also scored on the other's held-out answers."""
+    (family b, seed s + JUDGE_SEED_OFFSET) into OUT/judge; each is also scored on the other's
+    held-out answers."""
     cfg = cfg or ClassifierTrainConfig()
     out_dir = Path(out_dir)
-    runs = {REWARD_DIR: replace(cfg, family="a", seed=cfg.seed), JUDGE_DIR: replace(cfg, family="b", seed=cfg.seed + 1)}
+    runs = {REWARD_CLASSIFIER: replace(cfg, family=REWARD_FAMILY, seed=cfg.seed),
+            JUDGE_CLASSIFIER: replace(cfg, family=JUDGE_FAMILY, seed=cfg.seed + JUDGE_SEED_OFFSET)}
     heldout = {name: generate(c.family, c.heldout_per_task, c.seed, "heldout") for name, c in runs.items()}
     reports: dict[str, dict[str, Any]] = {}
     for name, run_cfg in runs.items():
         clf, report = train_classifier(run_cfg, eval_records=heldout[name], progress=progress, device=device)
-        other = JUDGE_DIR if name == REWARD_DIR else REWARD_DIR
+        other = JUDGE_CLASSIFIER if name == REWARD_CLASSIFIER else REWARD_CLASSIFIER
         cross = evaluate(clf, heldout[other], with_rules=False)
-        clf.meta.report["other_family_heldout"] = {k: v for k, v in cross.items() if k != "errors"}
+        clf.meta.report["other_family_heldout"] = _without_errors(cross)
         clf.meta.report["heldout_kind"] = f"held-out templates of family {run_cfg.family}"
         clf.save(out_dir / name)
         reports[name] = {**clf.meta.report, "errors": report["errors"]}
