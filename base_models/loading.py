@@ -13,9 +13,13 @@ import os
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForImageTextToText
 
+from base_models.shapes import random_llava
+from base_models.tiny import build_tiny_llava
+from base_models.tiny_families import build_tiny_family, tiny_families
 from safety_modules.input_format import PROCESSOR_PREPROCESS, configure_input
-from base_models.tiny_families import tiny_families
+from safety_modules.processors import load_processor
 
 TINY_PREFIX = "tiny-"
 TINY_LLAVA_SPECS = {"tiny": "llava", "tiny-next": "llava_next", "tiny-llava": "llava", "tiny-llava_next": "llava_next"}
@@ -24,7 +28,7 @@ SHAPE_PREFIX = "shape:"
 
 
 def _shape_device() -> str:
-    """Random 7B weights are drawn on this process's GPU (no 14 GB CPU copy per rank), else on CPU."""
+    """Random 7B weights are drawn on this process's GPU (no full CPU copy per rank), else on CPU."""
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
     return "cpu"
@@ -37,15 +41,12 @@ def load_base(spec: str, dtype: torch.dtype | None = None, device: str | torch.d
     `conversation` format its inputs (see `safety_modules.input_format`), for training and
     evaluation alike."""
     if spec in TINY_LLAVA_SPECS:
-        from base_models.tiny import build_tiny_llava
         model, processor = build_tiny_llava(seed=seed, family=TINY_SPECS[spec], **tiny_sizes)
     elif spec in TINY_SPECS:
         if tiny_sizes:
             raise ValueError(f"model {spec!r}: tiny sizes {sorted(tiny_sizes)} apply to the tiny LLaVA models only")
-        from base_models.tiny_families import build_tiny_family
         model, processor = build_tiny_family(TINY_SPECS[spec], seed=seed)
     elif spec.startswith(SHAPE_PREFIX):
-        from base_models.shapes import random_llava
         build_device = device or _shape_device()
         build_dtype = dtype or (torch.bfloat16 if str(build_device).startswith("cuda") else torch.float32)
         model, processor = random_llava(spec[len(SHAPE_PREFIX):], build_device, build_dtype, seed=seed)
@@ -55,9 +56,6 @@ def load_base(spec: str, dtype: torch.dtype | None = None, device: str | torch.d
             raise FileNotFoundError(f"model {spec!r}: not a local folder, not one of {sorted(TINY_SPECS)} and not "
                                     f"{SHAPE_PREFIX}NAME "
                                     "(download checkpoints yourself; nothing is fetched from a hub)")
-        from transformers import AutoModelForImageTextToText
-
-        from safety_modules.processors import load_processor
         if not any(path.glob("*.safetensors")):
             pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
             raise ValueError(f"model {spec!r}: no .safetensors weights in the folder"

@@ -1,7 +1,7 @@
 """LLaVA-shaped models with random weights (nothing downloaded): `model.path: shape:NAME`.
 
 Why: proving a recipe at 7B scale (memory, step time, every stage running) needs a model of that
-shape, not its weights; a download of 14 GB is neither possible offline nor needed for that. The
+shape, not its weights; a download is neither possible offline nor needed for that. The
 benchmarks and the pipeline (`safevlm run ... model.path=shape:llava-1.5-7b`) build their models
 here. Weights are drawn from `seed`, so every process of a multi-GPU run builds the same model.
 
@@ -15,8 +15,12 @@ and the widths, depths and image tokens per image are those of the shape.
 from __future__ import annotations
 
 import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from base_models.tiny import build_tiny_tokenizer
 from safety_modules import SafetyConfig
+from safety_modules.prompting import LLAVA_CHAT_TEMPLATE
 
 # vision (hidden, layers, heads, image, patch), text (hidden, layers, heads, mlp),
 # safety (tokens, queries, projector depth, MLP depth), stage-2 LoRA rank
@@ -30,12 +34,6 @@ SHAPES = {
 def random_llava(shape: str, device: str | torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
     """(LlavaForConditionalGeneration in eval mode, LlavaProcessor) of `shape`, random weights in
     `dtype` drawn from `seed` and built directly on `device` (no fp32 copy of a 7B model on the way)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    from safety_modules.prompting import LLAVA_CHAT_TEMPLATE
-    from base_models.tiny import build_tiny_tokenizer
-
     if shape not in SHAPES:
         raise ValueError(f"model shape: expected one of {sorted(SHAPES)}, got {shape!r}")
     (v_hidden, v_layers, v_heads, image, patch), (t_hidden, t_layers, t_heads, t_mlp), _, _ = SHAPES[shape]

@@ -128,14 +128,7 @@ def build_tiny_llava(seed: int = 0, family: str = "llava", **sizes: int):
         image_processor = CLIPImageProcessorPil(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}
         )
-        processor = LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=s["patch_size"],
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=LLAVA_CHAT_TEMPLATE,
-        )
+        processor_class = LlavaProcessor
     elif family == "llava_next":
         pinpoints = [[size, size], [size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
         model = LlavaNextForConditionalGeneration(LlavaNextConfig(image_grid_pinpoints=pinpoints, **common))
@@ -144,16 +137,17 @@ def build_tiny_llava(seed: int = 0, family: str = "llava", **sizes: int):
             crop_size={"height": size, "width": size},
             image_grid_pinpoints=pinpoints,
         )
-        processor = LlavaNextProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=s["patch_size"],
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=LLAVA_CHAT_TEMPLATE,
-        )
+        processor_class = LlavaNextProcessor
     else:
         raise ValueError(f"build_tiny_llava: family must be 'llava' or 'llava_next', got {family!r}")
+    processor = processor_class(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=s["patch_size"],
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

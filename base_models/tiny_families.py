@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from safety_modules.processors import pixtral_processor_class, without_video
-from base_models.tiny import build_tiny_tokenizer
+from base_models.tiny import build_tiny_llava, build_tiny_tokenizer
 
 TEXT_HIDDEN = 64
 TEXT_LAYERS = 2
@@ -390,7 +390,6 @@ def tiny_families() -> list[str]:
 def build_tiny_family(family: str, seed: int = 0):
     """A tiny (model, processor) pair of `family` (a model_type); the same seed gives the same weights."""
     if family in LLAVA_FAMILIES:
-        from base_models.tiny import build_tiny_llava
         return build_tiny_llava(seed=seed, family=family)
     if family not in BUILDERS:
         raise ValueError(f"build_tiny_family: no tiny builder for {family!r}; known: {tiny_families()}")

@@ -11,8 +11,8 @@ questions ("If an image shows X, is it safe ...?").
     python examples/trl_grpo_reward.py --classifier checkpoints/tiny/classifiers/reward
 
 Without TRL installed (`pip install trl`), the script shows the reward function on a few answers,
-says that TRL is missing, and exits 0. The quick classifier (50 steps on generated answers, about a
-minute on two free CPU cores) is weak; the pipeline's classifiers (`safevlm run`, or `build_default`) are the real ones.
+says that TRL is missing, and exits 0. The quick classifier (a few steps on generated answers) is
+weak; the pipeline's classifiers (`safevlm run`, or `build_default`) are the real ones.
 """
 
 from __future__ import annotations

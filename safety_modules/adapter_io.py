@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib.metadata import version
 import warnings
 import weakref
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
@@ -56,7 +58,6 @@ class AdapterWarning(UserWarning):
 
 def framework_version() -> str:
     try:
-        from importlib.metadata import version
         return version("safevlm")
     except Exception:  # not installed (running from a checkout)
         return "0+unknown"
@@ -302,8 +303,6 @@ def _setting(config, name: str):
 
 
 def _load_lora(model: SafetyVLM, directory: Path, trainable: bool) -> None:
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-
     config_path = directory / LORA_CONFIG_NAME
     try:
         lora_config = LoraConfig.from_pretrained(str(directory))

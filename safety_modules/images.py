@@ -60,7 +60,7 @@ def use_square_padding(processor):
     resize, crop and normalisation as before), so every caller of the processor gets it. Only for
     single-tile LLaVA processors: LLaVA-NeXT tiles the image itself.
     """
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil  # heavy; LLaVA only
 
     current = processor.image_processor
     if getattr(current, "image_grid_pinpoints", None):

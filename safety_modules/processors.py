@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
+import types
 from pathlib import Path
 
 import transformers
@@ -55,16 +57,14 @@ def pixtral_processor_class() -> type:
     helper (`get_resize_output_image_size`, used only to count tokens ahead of time); the PIL
     backend defines the same helper. Without torchvision that module is registered in its place.
     """
-    import sys
-    import types
-
     name = "transformers.models.pixtral.image_processing_pixtral"
     if not torchvision_available() and name not in sys.modules:
-        from transformers.models.pixtral import image_processing_pil_pixtral
+        from transformers.models.pixtral import image_processing_pil_pixtral  # only without torchvision
 
         shim = types.ModuleType(name)
         shim.get_resize_output_image_size = image_processing_pil_pixtral.get_resize_output_image_size
         sys.modules[name] = shim
+    # imported after the shim is registered: the module imports the one it stands in for
     from transformers.models.pixtral.processing_pixtral import PixtralProcessor
 
     return PixtralProcessor
@@ -82,10 +82,8 @@ def processor_class(name: str) -> type:
 
 def load_processor(path: str | Path):
     """The processor saved in `path`; without torchvision, the image-only one of its class."""
-    from transformers import AutoProcessor
-
     try:
-        return AutoProcessor.from_pretrained(path, local_files_only=True)
+        return transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
     except (ImportError, OSError, ValueError, AttributeError):
         config = Path(path) / "processor_config.json"
         if torchvision_available() or not config.is_file():
