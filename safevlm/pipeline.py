@@ -132,17 +132,11 @@ class Stage:
 
 # -- stage functions -------------------------------------------------------------------------------
 def _world(cfg: PipelineConfig, out: Path) -> dict:
+    from concept_world import WorldConfig
     from concept_world.build import build_world
     if (out / "data").exists():
         shutil.rmtree(out / "data")           # a half-written world from an interrupted run
-    w = cfg.world
-    return build_world(out / "data", concepts=w.concepts, images_per_concept=w.images_per_concept, seed=cfg.seed,
-                       size=w.size, heldout_render_fraction=w.heldout_render_fraction,
-                       heldout_unsafe=w.heldout_unsafe, heldout_safe=w.heldout_safe,
-                       validation_unsafe=w.validation_unsafe, validation_safe=w.validation_safe,
-                       validation_render_fraction=w.validation_render_fraction,
-                       questions_per_image=w.questions_per_image, perception_per_image=w.perception_per_image,
-                       metadata=w.metadata)
+    return build_world(out / "data", WorldConfig(**dataclasses.asdict(cfg.world)), cfg.seed)
 
 
 def _classifiers(cfg: PipelineConfig, out: Path) -> dict:

@@ -199,9 +199,10 @@ def test_an_unreadable_image_is_an_error_naming_the_file(world, runner, tmp_path
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    from concept_world import WorldConfig
     from concept_world.build import build_world
     out = tmp_path_factory.mktemp("world") / "w"
-    build_world(out, concepts=9, images_per_concept=4, seed=0, progress=False)
+    build_world(out, WorldConfig(concepts=9, images_per_concept=4), 0, progress=False)
     return out
 
 

@@ -31,14 +31,15 @@ PLAN = ["classifiers", "eval_base", "stage1", "stage2", "eval_stage2", "ppo", "e
 def user_setup(tmp_path_factory) -> dict[str, Path]:
     """A saved model folder and a data folder in the layout `data_dir` expects."""
     from base_models.tiny import build_tiny_llava
+    from concept_world import WorldConfig
     from concept_world.build import build_world
 
     root = tmp_path_factory.mktemp("real")
     model, processor = build_tiny_llava(seed=7)
     model.save_pretrained(root / "base")
     processor.save_pretrained(root / "base")
-    build_world(root / "data", concepts=9, images_per_concept=5, heldout_render_fraction=0.2,
-                questions_per_image=1, perception_per_image=1, progress=False)
+    build_world(root / "data", WorldConfig(concepts=9, images_per_concept=5, heldout_render_fraction=0.2,
+                                           questions_per_image=1, perception_per_image=1), progress=False)
     return {"base": root / "base", "data": root / "data", "root": root}
 
 

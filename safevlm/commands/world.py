@@ -38,27 +38,18 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from concept_world import WorldConfig
     from concept_world.build import build_world, format_summary
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    summary = build_world(
-        args.out,
-        concepts=args.concepts,
-        images_per_concept=args.images_per_concept,
-        seed=args.seed,
-        size=args.size,
-        safe_concepts=args.safe_concepts,
-        heldout_unsafe=args.heldout_unsafe,
-        heldout_safe=args.heldout_safe,
-        heldout_render_fraction=args.heldout_render_fraction,
-        validation_unsafe=args.validation_unsafe,
-        validation_safe=args.validation_safe,
-        validation_render_fraction=args.validation_render_fraction,
-        questions_per_image=args.questions_per_image,
-        perception_per_image=args.perception_per_image,
-        metadata=args.metadata,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    config = WorldConfig(concepts=args.concepts, safe_concepts=args.safe_concepts,
+                         images_per_concept=args.images_per_concept, size=args.size,
+                         heldout_unsafe=args.heldout_unsafe, heldout_safe=args.heldout_safe,
+                         heldout_render_fraction=args.heldout_render_fraction,
+                         validation_unsafe=args.validation_unsafe, validation_safe=args.validation_safe,
+                         validation_render_fraction=args.validation_render_fraction,
+                         questions_per_image=args.questions_per_image,
+                         perception_per_image=args.perception_per_image, metadata=args.metadata)
+    summary = build_world(args.out, config, args.seed, overwrite=args.overwrite, progress=not args.quiet)
     print(format_summary(summary))
     return 0
