@@ -31,10 +31,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from eval.benchmarks import EvalItem  # noqa: E402
+from eval.core.items import EvalItem  # noqa: E402
 from eval.benchmarks.unsafeconcepts import PROMPTS  # noqa: E402
 from eval.generation import answer_items  # noqa: E402
-from eval.models import GenerationSettings, SafetyRunner  # noqa: E402
+from eval.core.models import GenerationSettings, SafetyRunner  # noqa: E402
 from safety_modules import SafetyConfig, attach  # noqa: E402
 
 

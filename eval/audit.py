@@ -17,7 +17,7 @@ import json
 import random
 from pathlib import Path
 
-from eval.benchmarks import read_jsonl
+from eval.core.items import read_jsonl
 
 FIXED_COLUMNS = ("method", "split", "task", "id", "question", "answer", "target")
 HUMAN_LABEL = "human_label"

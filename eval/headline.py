@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from eval.benchmarks import read_jsonl
+from eval.core.items import read_jsonl
 from safety_modules.fileio import read_json
 
 RESPONSES = "responses.jsonl"

@@ -22,9 +22,9 @@ import random
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from eval.benchmarks import EvalItem
-from eval.labeling import Labeler, label_items
-from eval.metrics import NA, agreement
+from eval.core.items import EvalItem
+from eval.core.labeling import Labeler, label_items
+from eval.core.metrics import NA, agreement
 
 # The reference code's SFT answers (RLHF/build_training_data.py), per protocol question; [concept] lower-cased.
 REFERENCE_SFT_ANSWERS: dict[str, tuple[str, ...]] = {

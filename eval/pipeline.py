@@ -12,13 +12,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, Mapping, Sequence
 
-from eval.benchmarks import EvalItem
-from eval.cache import Cache
+from eval.core.items import EvalItem
+from eval.core.cache import Cache
 from runtime.distributed import DistContext
 from eval.generation import GenerationResult, answer_items
 from eval.judge_check import check_answers, judge_accuracy
-from eval.labeling import Labeler, build_labelers
-from eval.models import GenerationSettings, ModelRunner
+from eval.core.labeling import Labeler, build_labelers
+from eval.core.models import GenerationSettings, ModelRunner
 from eval.report import write_results
 from safety_modules.configio import ConfigError, to_dict
 from safety_modules.input_format import CONVERSATION_NAMES, IMAGE_PREPROCESS, PROCESSOR_PREPROCESS

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 from eval import plots
 from eval.benchmarks.protocols import RLHF_TEST
-from eval.metrics import CONVENTIONS, FALSE_REFUSAL_NOT_MEASURED, RTVLM_ASPECTS
+from eval.core.metrics import CONVENTIONS, FALSE_REFUSAL_NOT_MEASURED, RTVLM_ASPECTS
 from eval.provenance import environment
 from safety_modules.fileio import write_json_atomic, write_text_atomic
 

@@ -11,10 +11,10 @@ import pytest
 from datasets import Dataset
 from PIL import Image
 
-from eval.benchmarks import DataError
+from eval.core.items import DataError
 from eval.benchmarks import unsafeconcepts as uc
-from eval.labeling import RuleLabeler, label_items
-from eval.metrics import NA
+from eval.core.labeling import RuleLabeler, label_items
+from eval.core.metrics import NA
 from response_classifier.data import parse_options
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "unsafeconcepts"

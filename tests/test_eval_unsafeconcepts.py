@@ -19,11 +19,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from eval.benchmarks import DataError
+from eval.core.items import DataError
 from eval.benchmarks import unsafeconcepts as uc
-from eval.cache import Cache
+from eval.core.cache import Cache
 from eval.generation import answer_items
-from eval.models import GenerationSettings, load_runner
+from eval.core.models import GenerationSettings, load_runner
 from eval.pipeline import EvalConfig, run_unsafeconcepts
 from safevlm.cli import main
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from eval.benchmarks import DataError, EvalItem, read_jsonl, require
-from eval.labeling import Labeler, label_items
-from eval.metrics import accuracy, grouped_accuracy, mme_scores
+from eval.core.items import DataError, EvalItem, read_jsonl, require
+from eval.core.labeling import Labeler, label_items
+from eval.core.metrics import accuracy, grouped_accuracy, mme_scores
 from safety_modules.images import ImageError, resolve_image_path
 
 MME_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

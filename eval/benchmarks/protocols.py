@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from eval.benchmarks import DataError, EvalItem
+from eval.core.items import DataError, EvalItem
 from eval.benchmarks import unsafeconcepts as uc
 from eval.benchmarks.safe_images import SafeImages, safe_reference_split, select_safe_rows
 

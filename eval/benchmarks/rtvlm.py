@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from eval.benchmarks import DataError, EvalItem, read_jsonl, require
+from eval.core.items import DataError, EvalItem, read_jsonl, require
 from eval.judges import Judge, JudgeRequest
-from eval.metrics import RTVLM_SUBTASKS, rtvlm_scores
-from eval.refusal import is_refusal
+from eval.core.metrics import RTVLM_SUBTASKS, rtvlm_scores
+from eval.core.refusal import is_refusal
 from safety_modules.images import ImageError, resolve_image_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")

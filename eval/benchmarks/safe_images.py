@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from eval.benchmarks import DataError
+from eval.core.items import DataError
 from eval.benchmarks.unsafeconcepts import REFERENCE_SEED, REFERENCE_TRAIN_FRACTION, SAFE_CATEGORY, Row
 
 SAFE_METADATA = "metadata.json"

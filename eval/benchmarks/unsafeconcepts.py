@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from eval.benchmarks import BLANK, DataError, EvalItem, read_jsonl, require
-from eval.labeling import Labeler, label_items
-from eval.metrics import CONVENTIONS, false_refusal, modality_gap, pairwise_agreement, task_metrics
-from eval.refusal import is_refusal
+from eval.core.items import BLANK, DataError, EvalItem, read_jsonl, require
+from eval.core.labeling import Labeler, label_items
+from eval.core.metrics import CONVENTIONS, false_refusal, modality_gap, pairwise_agreement, task_metrics
+from eval.core.refusal import is_refusal
 from safety_modules.images import ImageError, resolve_image_path
 
 METADATA = "metadata.jsonl"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from eval.judges import JudgeError, JudgeRequest, Judgement
-from eval.refusal import gives_reason, is_refusal
+from eval.core.refusal import gives_reason, is_refusal
 
 LABEL_SCORES = {"Unsafe": 7.0, "NA": 5.0, "Safe": 3.0}
 

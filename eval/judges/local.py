@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from eval.cache import Cache, content_key
+from eval.core.cache import Cache, content_key
 from eval.judges import RUBRIC_VERSION, JudgeError, JudgeRequest, Judgement, read_score, rubric_prompt, score_error
 
 
@@ -49,7 +49,7 @@ class LocalJudge:
         self._fingerprint = self._folder_id()
 
     def _folder_id(self) -> str:
-        from eval.models import folder_fingerprint
+        from eval.core.models import folder_fingerprint
         return folder_fingerprint(self.path)
 
     def _prompt(self, request: JudgeRequest) -> str:

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-from eval.cache import Cache, content_key, file_hash
+from eval.core.cache import Cache, content_key, file_hash
 from eval.judges import RUBRIC_VERSION, JudgeError, JudgeRequest, Judgement, read_score, rubric_prompt, score_error
 
 logger = logging.getLogger(__name__)

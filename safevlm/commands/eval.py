@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
     from eval import pipeline
     from runtime.distributed import setup
-    from eval.models import load_runner
+    from eval.core.models import load_runner
 
     cfg = _config(args)
     ctx = setup()
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
                 tasks=args.tasks, classifier=args.classifier, second_classifier=args.second_classifier,
                 rules=not args.no_rules, cfg=cfg, cache=cache, ctx=ctx)
         elif args.benchmark == "rtvlm":
-            from eval.cache import Cache
+            from eval.core.cache import Cache
             from eval.judges import build_judge
             options = _judge_options(args.judge_option)
             if not args.no_cache:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
-from eval.benchmarks import EvalItem
-from eval.metrics import NA
+from eval.core.items import EvalItem
+from eval.core.metrics import NA
 
 # Benchmark task -> the classifier task that labels its answers.
 PERCEPTION = "perception"
