@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from eval.core.items import read_jsonl
+from runtime.layout import EvalLayout
 from safety_modules.fileio import read_json
-
-RESPONSES = "responses.jsonl"
-RESULTS = "results.json"
 
 # metric -> what it is, in the words a report uses
 METRICS: dict[str, str] = {
@@ -90,7 +88,7 @@ def selection_score(numbers: Mapping[str, float | None]) -> float:
 
 def read_evaluation(eval_dir: str | Path) -> tuple[list[dict], str]:
     """(answer records, primary labeller) of one evaluation folder written by eval.report.write_results."""
-    eval_dir = Path(eval_dir)
-    results = read_json(eval_dir / RESULTS, "evaluation results")
+    layout = EvalLayout(eval_dir)
+    results = read_json(layout.results, "evaluation results")
     labeler = results.get("metrics", {}).get("primary_labeler") or results["labelers"][0]
-    return [record for _, record in read_jsonl(eval_dir / RESPONSES)], labeler
+    return [record for _, record in read_jsonl(layout.responses)], labeler

@@ -20,6 +20,7 @@ from eval.judge_check import check_answers, judge_accuracy
 from eval.core.labeling import Labeler, build_labelers
 from eval.core.models import GenerationSettings, ModelRunner
 from eval.report import write_results
+from runtime.layout import EvalLayout
 from safety_modules.configio import ConfigError, to_dict
 from safety_modules.input_format import CONVERSATION_NAMES, IMAGE_PREPROCESS, PROCESSOR_PREPROCESS
 
@@ -48,7 +49,7 @@ def open_cache(cache: Cache | str | Path | None, out: Path, table: str = "respon
         return None
     if isinstance(cache, Cache):
         return cache
-    return Cache(Path(cache) if cache else out / "cache.sqlite", table=table)
+    return Cache(Path(cache) if cache else EvalLayout(out).cache, table=table)
 
 
 def _answer(items: Sequence[EvalItem], runner: ModelRunner, cfg: EvalConfig, cache: Cache | None,

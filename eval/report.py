@@ -23,6 +23,9 @@ from eval import plots
 from eval.benchmarks.protocols import RLHF_TEST
 from eval.core.metrics import CONVENTIONS, FALSE_REFUSAL_NOT_MEASURED, RTVLM_ASPECTS
 from eval.provenance import environment
+from runtime.layout import (CATEGORY_PLOT_FILE, COMPARISON_CSV_FILE, COMPARISON_FIGURE_FILE, COMPARISON_JSON_FILE,
+                            COMPARISON_MARKDOWN_FILE, MME_PLOT_FILE, MODALITY_GAP_PLOT_FILE, RESULTS_FILE,
+                            RTVLM_PLOT_FILE, EvalLayout)
 from safety_modules.fileio import write_json_atomic, write_text_atomic
 
 CONVENTION_NAMES = {"na_excluded": "NA excluded", "na_counted_wrong": "NA counted wrong"}
@@ -224,17 +227,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def make_plots(results: Mapping, out: Path) -> list[Path]:
+    """The PNGs of `eval.plots` that one result has numbers for, written into `out`."""
     bench, m = results["benchmark"], results["metrics"]
     made = []
     if bench == "unsafeconcepts":
         if any(t in m for t in plots.TASK_LABELS):
-            made.append(plots.plot_category_accuracy(m, out / "per_category_accuracy.png"))
+            made.append(plots.plot_category_accuracy(m, out / CATEGORY_PLOT_FILE))
         if "alignment" in m and "text_alignment" in m:
-            made.append(plots.plot_modality_gap(m, out / "modality_gap.png"))
+            made.append(plots.plot_modality_gap(m, out / MODALITY_GAP_PLOT_FILE))
     elif bench == "rtvlm" and m.get("per_subtask"):
-        made.append(plots.plot_rtvlm(m, out / "rtvlm_subtasks.png"))
+        made.append(plots.plot_rtvlm(m, out / RTVLM_PLOT_FILE))
     elif bench == "general" and "mme" in m:
-        made.append(plots.plot_mme(m["mme"], out / "mme.png"))
+        made.append(plots.plot_mme(m["mme"], out / MME_PLOT_FILE))
     return made
 
 
@@ -242,17 +246,18 @@ def write_results(out_dir: str | Path, results: dict, records: Sequence[Mapping]
                   judge_records: Sequence[Mapping] = ()) -> dict[str, Path]:
     """Write every file of one eval into `out_dir` (and judge_check.jsonl, the labelled answers
     `eval.judge_check` scored the labellers on, when there are some); returns name -> path."""
-    out = Path(out_dir)
+    layout = EvalLayout(out_dir)
+    out = layout.root
     out.mkdir(parents=True, exist_ok=True)
     results = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), **results}
     results.setdefault("environment", environment())
-    paths = {"results": out / "results.json", "responses": out / "responses.jsonl",
-             "metrics_csv": out / "metrics.csv", "table_csv": out / "table.csv", "markdown": out / "report.md"}
+    paths = {"results": layout.results, "responses": layout.responses,
+             "metrics_csv": layout.metrics_csv, "table_csv": layout.table_csv, "markdown": layout.report}
     # The answers first and results.json last, each whole or not at all: readers take a folder with
     # results.json as a finished evaluation.
     write_text_atomic(paths["responses"], "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
     if judge_records:
-        paths["judge_check"] = out / "judge_check.jsonl"
+        paths["judge_check"] = layout.judge_check
         write_text_atomic(paths["judge_check"], "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                         for r in judge_records))
     write_json_atomic(paths["results"], results, ensure_ascii=False)
@@ -281,10 +286,10 @@ def write_results(out_dir: str | Path, results: dict, records: Sequence[Mapping]
 
 def find_results(run_dir: str | Path) -> list[Path]:
     """results.json of a run folder: its own, or one per benchmark subfolder."""
-    run_dir = Path(run_dir)
-    if (run_dir / "results.json").is_file():
-        return [run_dir / "results.json"]
-    found = sorted(run_dir.glob("*/results.json"))
+    own = EvalLayout(run_dir).results
+    if own.is_file():
+        return [own]
+    found = sorted(Path(run_dir).glob(f"*/{RESULTS_FILE}"))
     if not found:
         raise FileNotFoundError(f"{run_dir}: no results.json here or in its subfolders (run safevlm eval first)")
     return found
@@ -320,8 +325,8 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, names: Seq
                 table.setdefault(key, {})[run] = value
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "summary.json", "csv": out / "summary.csv", "markdown": out / "summary.md",
-             "figure": out / "summary.png"}
+    paths = {"json": out / COMPARISON_JSON_FILE, "csv": out / COMPARISON_CSV_FILE,
+             "markdown": out / COMPARISON_MARKDOWN_FILE, "figure": out / COMPARISON_FIGURE_FILE}
     notes = {run: found for run, found in notes.items() if found}
     paths["json"].write_text(json.dumps({"runs": runs, "sources": sources, "table": table, "notes": notes,
                                          "environments": environments}, indent=2))

@@ -19,12 +19,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from eval.benchmarks import unsafeconcepts as uc
 from eval.core.items import DataError, EvalItem, read_jsonl, require
 from eval.core.labeling import Labeler, label_items
 from eval.core.metrics import accuracy, grouped_accuracy, mme_scores
+from runtime.layout import DataLayout
 from safety_modules.images import ImageError, resolve_image_path
 
 MME_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+STAGE0_RECORDS = "stage0"          # the concept world's stage-0 records, which hold its caption question
 DEFAULT_CAPTION_PROMPT = "What is shown in this image? Answer with its name."
 
 
@@ -90,8 +93,8 @@ def load_mme_folders(root: str | Path) -> list[EvalItem]:
 
 
 def caption_prompt(world: Path) -> str:
-    """The caption question the world trained with (records/stage0.jsonl), else a default."""
-    records = world / "records" / "stage0.jsonl"
+    """The caption question the world trained with (its stage-0 records), else a default."""
+    records = DataLayout(world).records(STAGE0_RECORDS)
     if records.is_file():
         for _, rec in read_jsonl(records):
             if rec.get("task") == "caption" and rec.get("conversations"):
@@ -103,8 +106,6 @@ def caption_prompt(world: Path) -> str:
 def load_world_general(root: str | Path, split: str | None = "heldout_render", limit: int | None = None,
                        sample: int | None = None, seed: int = 0) -> list[EvalItem]:
     """Multiple-choice (perception) and caption items on the world's renders of `split`."""
-    from eval.benchmarks import unsafeconcepts as uc
-
     root = Path(root)
     data = uc.load_unsafeconcepts(root)
     rows = uc.subsample(uc.select_rows(data, split), limit=limit, sample=sample, seed=seed)
@@ -130,15 +131,14 @@ def load_general(root: str | Path, split: str | None = "heldout_render", limit: 
         items = load_mme_jsonl(root)
     elif (root / "mme.jsonl").is_file():
         items = load_mme_jsonl(root / "mme.jsonl")
-    elif (root / "metadata.jsonl").is_file():
+    elif DataLayout(root).metadata.is_file():
         return load_world_general(root, split=split, limit=limit, sample=sample, seed=seed)
     elif root.is_dir():
         items = load_mme_folders(root)
     else:
         raise DataError(f"{root}: not found")
     if sample is not None or limit is not None:
-        from eval.benchmarks.unsafeconcepts import subsample
-        items = subsample(items, limit=limit, sample=sample, seed=seed)
+        items = uc.subsample(items, limit=limit, sample=sample, seed=seed)
     return items
 
 

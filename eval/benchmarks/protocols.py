@@ -19,18 +19,19 @@ import numpy as np
 from eval.core.items import DataError, EvalItem
 from eval.benchmarks import unsafeconcepts as uc
 from eval.benchmarks.safe_images import SafeImages, safe_reference_split, select_safe_rows
+from runtime.layout import DataLayout
 
 MEASUREMENT = "measurement"
 RLHF_TEST = "rlhf-test"
 PROTOCOLS = (MEASUREMENT, RLHF_TEST)
 RLHF_TEST_PROMPT_SEED = 42
-RLHF_TEST_SPLIT = "test"
+RLHF_TEST_SPLIT = uc.TEST_SPLIT
 
 
 def rlhf_test_rows(data: uc.UnsafeConceptsData, safe: SafeImages) -> tuple[list[uc.Row], list[uc.Row]]:
     """(unsafe test rows, safe test rows) of the reference's RLHF test, each in the reference's order."""
     if data.has_split_column:
-        raise DataError(f"{data.root / uc.METADATA}: the rlhf-test protocol needs the published metadata (its "
+        raise DataError(f"{DataLayout(data.root).metadata}: the rlhf-test protocol needs the published metadata (its "
                         "reference split); this folder has its own 'split' column (use --protocol measurement)")
     by_image = {row.image: row for row in data.rows}
     unsafe = [by_image[image] for image, part in uc.reference_split(data.rows).items() if part == RLHF_TEST_SPLIT]
