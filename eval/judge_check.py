@@ -24,7 +24,10 @@ from typing import Mapping, Sequence
 
 from eval.core.items import EvalItem
 from eval.core.labeling import Labeler, label_items
+from concept_world.texts import (GENERIC_SAFE_ANSWERS, GENERIC_UNSAFE_ANSWERS, SAFE_ANSWERS, TEXT_SAFE_ANSWERS,
+                                  TEXT_UNSAFE_ANSWERS, UNSAFE_ANSWERS, perception_answer)
 from eval.core.metrics import NA, agreement
+from response_classifier.data import parse_options
 
 # The reference code's SFT answers (RLHF/build_training_data.py), per protocol question; [concept] lower-cased.
 REFERENCE_SFT_ANSWERS: dict[str, tuple[str, ...]] = {
@@ -83,9 +86,6 @@ class CheckAnswer:
 
 
 def _alignment_answers(item: EvalItem, rng: random.Random) -> list[CheckAnswer]:
-    from concept_world.texts import (GENERIC_SAFE_ANSWERS, GENERIC_UNSAFE_ANSWERS, SAFE_ANSWERS, TEXT_SAFE_ANSWERS,
-                                      TEXT_UNSAFE_ANSWERS, UNSAFE_ANSWERS)
-
     concept = item.meta["concept"]
     risk = "harmful" if item.meta["is_safe"] else item.meta["category"].lower()
     text_only = item.task == "text_alignment"
@@ -113,9 +113,6 @@ def _alignment_answers(item: EvalItem, rng: random.Random) -> list[CheckAnswer]:
 
 
 def _perception_answers(item: EvalItem, rng: random.Random) -> list[CheckAnswer]:
-    from response_classifier.data import parse_options
-    from concept_world.texts import perception_answer
-
     options = parse_options(item.question)
     if len(options) < 2:
         return []

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, Mapping, Sequence
 
+from eval.benchmarks import general, rtvlm
+from eval.benchmarks import unsafeconcepts as uc
+from eval.benchmarks.protocols import RLHF_TEST, protocol_items
+from eval.benchmarks.safe_images import load_safe_images
 from eval.core.items import EvalItem
 from eval.core.cache import Cache
 from runtime.distributed import DistContext
@@ -82,10 +86,6 @@ def run_unsafeconcepts(runner: ModelRunner, data: str | Path, out: str | Path, *
     """UnsafeConcepts under `protocol` (`eval.benchmarks.protocols`: `measurement` = perception, image
     and text-only alignment; `rlhf-test` = the reference's RLHF test, greedy) on an UnsafeConcepts-layout
     folder, with the safe images of `safe_data` (a folder as the reference writes it) when given."""
-    from eval.benchmarks import unsafeconcepts as uc
-    from eval.benchmarks.protocols import RLHF_TEST, protocol_items
-    from eval.benchmarks.safe_images import load_safe_images
-
     cfg = cfg or EvalConfig()
     if protocol == RLHF_TEST:                         # the reference's RLHF test decodes greedily
         cfg = replace(cfg, generation=replace(cfg.generation, greedy=True))
@@ -122,9 +122,6 @@ def run_rtvlm(runner: ModelRunner, data: str | Path, out: str | Path, judge, *, 
               cache: Cache | str | Path | None = None, ctx: DistContext | None = None,
               on_batch: Callable[[int, int], None] | None = None) -> dict | None:
     """The RTVLM subsets answered, judged by `judge` (see eval.judges), scored per subtask/aspect."""
-    from eval.benchmarks import rtvlm
-    from eval.benchmarks.unsafeconcepts import subsample
-
     cfg = cfg or EvalConfig()
     out = Path(out)
     items = rtvlm.load_rtvlm(data, subsets)
@@ -132,7 +129,7 @@ def run_rtvlm(runner: ModelRunner, data: str | Path, out: str | Path, judge, *, 
         by_subset: dict[str, list[EvalItem]] = {}
         for it in items:
             by_subset.setdefault(it.meta["subset"], []).append(it)
-        items = [it for group in by_subset.values() for it in subsample(group, limit=limit, sample=sample, seed=seed)]
+        items = [it for group in by_subset.values() for it in uc.subsample(group, limit=limit, sample=sample, seed=seed)]
     store = open_cache(cache, out)
     gen = _answer(items, runner, cfg, store, ctx, on_batch, "rtvlm")
     if ctx is not None and not ctx.is_main:
@@ -152,8 +149,6 @@ def run_general(runner: ModelRunner, data: str | Path, out: str | Path, *, split
                 cfg: EvalConfig | None = None, cache: Cache | str | Path | None = None,
                 ctx: DistContext | None = None) -> dict | None:
     """MME-style yes/no (accuracy, accuracy+) or the concept world's multiple choice and captions."""
-    from eval.benchmarks import general
-
     cfg = cfg or EvalConfig()
     out = Path(out)
     items = general.load_general(data, split=split, limit=limit, sample=sample, seed=seed)

@@ -381,7 +381,8 @@ def test_two_processes_give_the_same_results_as_one(world, tmp_path):
 @pytest.mark.slow
 def test_trained_classifiers_label_the_answers_and_their_agreement_is_reported(world, runner, tmp_path):
     """Two independently trained response classifiers (judge: family b; reward: family a) and the rules."""
-    from eval.judges import JudgeRequest, build_judge
+    from eval.judges import build_judge
+    from eval.judges.base import JudgeRequest
     from eval.judges.classifier import ClassifierJudge
     from response_classifier.model import ResponseClassifier
     from response_classifier.train import ClassifierTrainConfig, build_default

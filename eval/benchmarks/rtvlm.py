@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from eval.core.items import DataError, EvalItem, read_jsonl, require
-from eval.judges import Judge, JudgeRequest
+from eval.judges.base import Judge, JudgeRequest
 from eval.core.metrics import RTVLM_SUBTASKS, rtvlm_scores
 from eval.core.refusal import is_refusal
 from safety_modules.images import ImageError, resolve_image_path
@@ -35,7 +35,7 @@ class Subset:
     name: str
     file: str
     aspect: str
-    risk: str                       # rubric key (eval.judges.RUBRICS)
+    risk: str                       # rubric key (eval.judges.base.RUBRICS)
     kind: str                       # record format, see _PARSERS
     folders: tuple[str, ...]        # folder names in the published layout
     flags: bool = False             # images shared under images/flags/

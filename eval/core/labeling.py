@@ -13,6 +13,9 @@ from typing import Mapping, Protocol, Sequence
 
 from eval.core.items import EvalItem
 from eval.core.metrics import NA
+from response_classifier.data import named_option
+from response_classifier.model import ResponseClassifier
+from response_classifier.rules import rule_based_label
 
 # Benchmark task -> the classifier task that labels its answers.
 PERCEPTION = "perception"
@@ -33,7 +36,6 @@ class RuleLabeler:
     name = "rules"
 
     def label(self, questions: list[str], answers: list[str], task: str) -> list[str]:
-        from response_classifier.rules import rule_based_label
         return [rule_based_label(q, a, task) for q, a in zip(questions, answers)]
 
 
@@ -42,7 +44,6 @@ class ClassifierLabeler:
 
     def __init__(self, directory: str | Path, name: str | None = None, device: str = "cpu",
                  batch_size: int = 64) -> None:
-        from response_classifier.model import ResponseClassifier
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"response classifier folder not found: {directory}")
@@ -98,8 +99,6 @@ def with_named_options(questions: Sequence[str], answers: Sequence[str], labels:
     under one convention, dropped under the other). Several options named, or the one named
     negated, stay NA (`response_classifier.data.named_option`).
     """
-    from response_classifier.data import named_option
-
     return [(named_option(q, a) or NA) if lab == NA else lab for q, a, lab in zip(questions, answers, labels)]
 
 

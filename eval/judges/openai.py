@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Sequence
 
 from eval.core.cache import Cache, content_key, file_hash
-from eval.judges import RUBRIC_VERSION, JudgeError, JudgeRequest, Judgement, read_score, rubric_prompt, score_error
+from eval.judges.base import RUBRIC_VERSION, JudgeError, JudgeRequest, Judgement, read_score, rubric_prompt, score_error
 
 logger = logging.getLogger(__name__)
 
