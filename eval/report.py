@@ -21,12 +21,14 @@ from typing import Any, Mapping, Sequence
 
 from eval import plots
 from eval.benchmarks.protocols import RLHF_TEST
+from eval.core.items import CAPTION, MME, MULTIPLE_CHOICE, TEXT_ALIGNMENT
 from eval.core.metrics import CONVENTIONS, FALSE_REFUSAL_NOT_MEASURED, RTVLM_ASPECTS
 from eval.provenance import environment
 from runtime.layout import (CATEGORY_PLOT_FILE, COMPARISON_CSV_FILE, COMPARISON_FIGURE_FILE, COMPARISON_JSON_FILE,
                             COMPARISON_MARKDOWN_FILE, MME_PLOT_FILE, MODALITY_GAP_PLOT_FILE, RESULTS_FILE,
                             RTVLM_PLOT_FILE, EvalLayout)
 from safety_modules.fileio import write_json_atomic, write_text_atomic
+from safety_modules.labels import ALIGNMENT, PERCEPTION
 
 CONVENTION_NAMES = {"na_excluded": "NA excluded", "na_counted_wrong": "NA counted wrong"}
 
@@ -62,13 +64,13 @@ def headline(results: Mapping) -> dict[str, float | None]:
     if bench == "unsafeconcepts":
         for conv in CONVENTIONS:
             tag = CONVENTION_NAMES[conv]
-            for task, label in (("perception", "perception acc"), ("alignment", "image alignment acc"),
-                                ("text_alignment", "text alignment acc")):
+            for task, label in ((PERCEPTION, "perception acc"), (ALIGNMENT, "image alignment acc"),
+                                (TEXT_ALIGNMENT, "text alignment acc")):
                 if task in m:
                     out[f"UC {label} ({tag})"] = m[task]["overall"][conv]
             if "modality_gap" in m:
                 out[f"UC modality gap ({tag})"] = m["modality_gap"][conv]["overall"]
-        for task in ("alignment", "text_alignment", "perception"):
+        for task in (ALIGNMENT, TEXT_ALIGNMENT, PERCEPTION):
             if task in m:
                 out[f"UC {task} NA rate"] = m[task]["overall"]["na_rate"]
         if m.get("protocol") == RLHF_TEST:
@@ -93,19 +95,19 @@ def headline(results: Mapping) -> dict[str, float | None]:
             if score is not None:
                 out[f"RTVLM {aspect} / 10"] = score / scale
     elif bench == "general":
-        if "mme" in m:
-            out["MME accuracy"] = m["mme"]["overall"]["accuracy"]
-            out["MME accuracy+"] = m["mme"]["overall"]["accuracy_plus"]
-        if "multiple_choice" in m:
-            out["world multiple-choice acc (NA excluded)"] = m["multiple_choice"]["overall"]["na_excluded"]
-        if "caption" in m:
-            out["world caption acc"] = m["caption"]["accuracy"]
+        if MME in m:
+            out["MME accuracy"] = m[MME]["overall"]["accuracy"]
+            out["MME accuracy+"] = m[MME]["overall"]["accuracy_plus"]
+        if MULTIPLE_CHOICE in m:
+            out["world multiple-choice acc (NA excluded)"] = m[MULTIPLE_CHOICE]["overall"]["na_excluded"]
+        if CAPTION in m:
+            out["world caption acc"] = m[CAPTION]["accuracy"]
     return out
 
 
 def rlhf_test_parts(m: Mapping) -> dict[str, Mapping | None]:
     """The reference RLHF test's three accuracies (`accuracy` dicts): all images, unsafe, safe."""
-    align = m.get("alignment", {})
+    align = m.get(ALIGNMENT, {})
     fr = m.get("false_refusal") or {}
     return {"all images": align.get("overall_all"), "unsafe images": align.get("overall"),
             "safe images": fr.get("safe_accuracy")}
@@ -120,7 +122,7 @@ def caveats(results: Mapping) -> list[str]:
 
 
 def _uc_table(m: Mapping, conv: str) -> tuple[list[str], list[list[str]]]:
-    tasks = ("perception", "alignment", "text_alignment")
+    tasks = (PERCEPTION, ALIGNMENT, TEXT_ALIGNMENT)
     header = ["category", "perception", "image alignment", "text alignment", "modality gap", "image NA rate"]
     cats = sorted({c for t in tasks if t in m for c in m[t]["per_category"]})
     rows = []
@@ -134,7 +136,7 @@ def _uc_table(m: Mapping, conv: str) -> tuple[list[str], list[list[str]]]:
         if "modality_gap" in m:
             g = m["modality_gap"][conv]
             gap = g["overall"] if cat is None else g["per_category"].get(cat)
-        image = acc("alignment")
+        image = acc(ALIGNMENT)
         rows.append([label] + [_fmt(acc(t)[conv]) if acc(t) else "n/a" for t in tasks]
                     + [_fmt(gap), _fmt(image["na_rate"]) if image else "n/a"])
     return header, rows
@@ -194,19 +196,19 @@ def tables(results: Mapping) -> list[tuple[str, list[str], list[list[str]]]]:
         rows.append(["overall (mean of ten)", _fmt(m["overall"]), "", str(m["n_failed"])])
         out.append((f"RTVLM scores (judge {m.get('judge')})", ["subtask", "score", "n", "judge failures"], rows))
     elif bench == "general":
-        if "mme" in m:
+        if MME in m:
             rows = [[c, _fmt(v["accuracy"]), _fmt(v["accuracy_plus"]), _fmt(v["score"]), str(v["n"])]
-                    for c, v in m["mme"]["per_category"].items()]
-            o = m["mme"]["overall"]
+                    for c, v in m[MME]["per_category"].items()]
+            o = m[MME]["overall"]
             rows.append(["overall", _fmt(o["accuracy"]), _fmt(o["accuracy_plus"]), _fmt(o["total_score"]), str(o["n"])])
             out.append(("MME-style yes/no", ["category", "accuracy", "accuracy+", "score", "n"], rows))
         rows = []
-        if "multiple_choice" in m:
-            o = m["multiple_choice"]["overall"]
+        if MULTIPLE_CHOICE in m:
+            o = m[MULTIPLE_CHOICE]["overall"]
             rows.append(["multiple choice", _fmt(o["na_excluded"]), _fmt(o["na_counted_wrong"]), str(o["n"])])
-        if "caption" in m:
-            rows.append(["caption", _fmt(m["caption"]["accuracy"]), _fmt(m["caption"]["accuracy"]),
-                         str(m["caption"]["n"])])
+        if CAPTION in m:
+            rows.append(["caption", _fmt(m[CAPTION]["accuracy"]), _fmt(m[CAPTION]["accuracy"]),
+                         str(m[CAPTION]["n"])])
         if rows:
             out.append(("Concept world", ["task", "accuracy (NA excluded)", "accuracy (NA counted wrong)", "n"], rows))
     return out
@@ -233,12 +235,12 @@ def make_plots(results: Mapping, out: Path) -> list[Path]:
     if bench == "unsafeconcepts":
         if any(t in m for t in plots.TASK_LABELS):
             made.append(plots.plot_category_accuracy(m, out / CATEGORY_PLOT_FILE))
-        if "alignment" in m and "text_alignment" in m:
+        if ALIGNMENT in m and TEXT_ALIGNMENT in m:
             made.append(plots.plot_modality_gap(m, out / MODALITY_GAP_PLOT_FILE))
     elif bench == "rtvlm" and m.get("per_subtask"):
         made.append(plots.plot_rtvlm(m, out / RTVLM_PLOT_FILE))
-    elif bench == "general" and "mme" in m:
-        made.append(plots.plot_mme(m["mme"], out / MME_PLOT_FILE))
+    elif bench == "general" and MME in m:
+        made.append(plots.plot_mme(m[MME], out / MME_PLOT_FILE))
     return made
 
 

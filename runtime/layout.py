@@ -65,11 +65,11 @@ COMPARISON_FIGURE_FILE = "summary.png"
 
 # -- a data folder ---------------------------------------------------------------------------------
 RECORDS_DIR = "records"
+DOWNLOAD_FILE = "download.json"                        # a complete hub download (written last)
 METADATA_FILE = "metadata.jsonl"                       # UnsafeConcepts rows
 PERCEPTION_FILE = "perception_metadata.jsonl"          # perception questions with their options
 WORLD_FILE = "world.json"                              # how the concept world was built
-IMAGES_DIR = "images"
-DOWNLOAD_FILE = "download.json"                        # a complete hub download (written last)
+IMAGES_DIR = "images"                                  # the concept world's renders
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,10 @@ class DataLayout:
         return self.root / RECORDS_DIR
 
     @property
+    def download(self) -> Path:
+        return self.root / DOWNLOAD_FILE
+
+    @property
     def metadata(self) -> Path:
         return self.root / METADATA_FILE
 
@@ -168,10 +172,6 @@ class DataLayout:
     @property
     def images(self) -> Path:
         return self.root / IMAGES_DIR
-
-    @property
-    def download(self) -> Path:
-        return self.root / DOWNLOAD_FILE
 
 
 @dataclass(frozen=True)

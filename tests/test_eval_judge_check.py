@@ -16,7 +16,7 @@ from eval.audit import write_audit
 from eval.benchmarks import unsafeconcepts as uc
 from eval.judge_check import REFERENCE_SFT_ANSWERS, check_answers, judge_accuracy
 from eval.core.labeling import CLASSIFIER_TASK, RuleLabeler
-from eval.core.metrics import NA
+from safety_modules.labels import NA
 from eval.core.models import GenerationSettings, load_runner
 from eval.pipeline import EvalConfig, run_unsafeconcepts
 from eval.report import write_results

@@ -14,7 +14,7 @@ from PIL import Image
 from eval.core.items import DataError
 from eval.benchmarks import unsafeconcepts as uc
 from eval.core.labeling import RuleLabeler, label_items
-from eval.core.metrics import NA
+from safety_modules.labels import NA
 from response_classifier.data import parse_options
 from runtime.layout import DataLayout
 

@@ -20,6 +20,7 @@ from eval.core.items import DataError, EvalItem
 from eval.benchmarks import unsafeconcepts as uc
 from eval.benchmarks.safe_images import SafeImages, safe_reference_split, select_safe_rows
 from runtime.layout import DataLayout
+from safety_modules.labels import ALIGNMENT, PERCEPTION
 
 MEASUREMENT = "measurement"
 RLHF_TEST = "rlhf-test"
@@ -39,7 +40,7 @@ def rlhf_test_rows(data: uc.UnsafeConceptsData, safe: SafeImages) -> tuple[list[
     return unsafe, safe_test[:len(unsafe)]
 
 
-def rlhf_test_prompts(n: int, n_prompts: int = len(uc.PROMPTS["alignment"]),
+def rlhf_test_prompts(n: int, n_prompts: int = len(uc.PROMPTS[ALIGNMENT]),
                       seed: int = RLHF_TEST_PROMPT_SEED) -> list[int]:
     """The alignment question drawn for each of `n` test images (a fresh legacy numpy stream seeded
     as `np.random.seed(seed)` leaves the global one, so the same numbers)."""
@@ -67,7 +68,7 @@ def protocol_items(protocol: str, data: uc.UnsafeConceptsData, safe: SafeImages 
     if protocol == RLHF_TEST:
         if split not in (None, RLHF_TEST_SPLIT):
             raise ValueError(f"--split: the rlhf-test protocol is the reference split's test images, got {split!r}")
-        if tasks and tuple(tasks) != ("alignment",):
+        if tasks and tuple(tasks) != (ALIGNMENT,):
             raise ValueError(f"--tasks: the rlhf-test protocol asks image alignment only, got {list(tasks)}")
         return rlhf_test_items(data, safe, limit, sample, seed)
     if protocol != MEASUREMENT:
@@ -75,5 +76,5 @@ def protocol_items(protocol: str, data: uc.UnsafeConceptsData, safe: SafeImages 
     rows = uc.subsample(uc.select_rows(data, split), limit=limit, sample=sample, seed=seed)
     if safe is not None:
         rows += uc.subsample(select_safe_rows(safe, split), limit=limit, sample=sample, seed=seed)
-    tasks = tuple(tasks) if tasks else tuple(t for t in uc.TASKS if t != "perception" or data.perception)
+    tasks = tuple(tasks) if tasks else tuple(t for t in uc.TASKS if t != PERCEPTION or data.perception)
     return uc.build_items(data, rows, tasks)

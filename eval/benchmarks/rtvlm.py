@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from eval.core.items import DataError, EvalItem, read_jsonl, require
+from eval.core.items import RTVLM, DataError, EvalItem, read_jsonl, require
 from eval.judges.base import Judge, JudgeRequest
 from eval.core.metrics import RTVLM_SUBTASKS, rtvlm_scores
 from eval.core.refusal import is_refusal
@@ -209,7 +209,7 @@ def load_subset(root: str | Path, name: str) -> list[EvalItem]:
         for k, q in enumerate(_PARSERS[subset.kind](rec, where)):
             images = tuple(_resolve(dirs, n, where, q.image_field) for n in q.image_names)
             items.append(EvalItem(
-                id=f"{name}/{lineno}/{k}", task="rtvlm", question=q.question, images=images,
+                id=f"{name}/{lineno}/{k}", task=RTVLM, question=q.question, images=images,
                 meta={"subset": name, "aspect": subset.aspect, "risk": subset.risk, "source": where,
                       "refused_to_answer": q.refused_to_answer, "reference": q.reference}))
     if not items:

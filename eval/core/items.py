@@ -1,4 +1,4 @@
-"""Benchmarks read their folders into `EvalItem`s: one question (with its image) to answer.
+"""What the benchmarks read their folders into: `EvalItem`s, one question (with its image) to answer.
 
 Why one item type: the generation loop, the cache, sharding and the reports are shared by
 UnsafeConcepts, RTVLM and the general-capability sets; each benchmark module only reads its files
@@ -12,7 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from safety_modules.labels import ALIGNMENT, PERCEPTION
+
 BLANK = "<blank>"   # the protocol's blank white image (text-only questions), rendered by the runner
+
+# The tasks of items. Alignment (is the image safe?) and perception (which concept is it?) are the
+# response classifier's tasks too; the others are the evaluation's own.
+TEXT_ALIGNMENT = "text_alignment"     # alignment asked about a named concept, with a blank image
+MULTIPLE_CHOICE = "multiple_choice"   # perception questions, asked as a general capability
+CAPTION = "caption"                   # name what the image shows
+MME = "mme"                           # an MME-style yes/no question
+RTVLM = "rtvlm"                       # an RTVLM question, judged 1-10
+ITEM_TASKS = (PERCEPTION, ALIGNMENT, TEXT_ALIGNMENT, MULTIPLE_CHOICE, CAPTION, MME, RTVLM)
 
 
 class DataError(ValueError):

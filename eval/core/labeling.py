@@ -11,16 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
-from eval.core.items import EvalItem
-from eval.core.metrics import NA
+from eval.core.items import MULTIPLE_CHOICE, TEXT_ALIGNMENT, EvalItem
 from response_classifier.data import named_option
 from response_classifier.model import ResponseClassifier
 from response_classifier.rules import rule_based_label
+from safety_modules.labels import ALIGNMENT, NA, PERCEPTION
 
-# Benchmark task -> the classifier task that labels its answers.
-PERCEPTION = "perception"
-CLASSIFIER_TASK = {"perception": PERCEPTION, "alignment": "alignment", "text_alignment": "alignment",
-                   "multiple_choice": PERCEPTION}
+# Item task -> the classifier task that labels its answers.
+CLASSIFIER_TASK = {PERCEPTION: PERCEPTION, ALIGNMENT: ALIGNMENT, TEXT_ALIGNMENT: ALIGNMENT,
+                   MULTIPLE_CHOICE: PERCEPTION}
 
 
 class Labeler(Protocol):
