@@ -9,8 +9,6 @@ safety modules attached, and both must produce the same answers.
     python bench/eval_throughput.py --shape llava-7b      # LLaVA-1.5-7B shape, random bf16 weights, GPU
                                                           # (target >= 10x at batch 16)
 The last line of output is one JSON object: device, batch, batched_over_single, and the rates.
-Measured on the 2-core CPU of the development machine (tiny, batch 16, 16 new tokens, 1 thread):
-10.1x and 11.5x in two runs (~170-180 vs ~15-18 items/s).
 Random weights rarely emit end-of-sequence, and EOS is disabled so every answer has exactly
 --max-new-tokens tokens on both sides (a fair, fixed amount of work).
 """

@@ -16,8 +16,8 @@ from typing import Iterable, Mapping
 
 from eval.core.items import TEXT_ALIGNMENT, read_jsonl
 from runtime.layout import EvalLayout
-from safety_modules.labels import ALIGNMENT, PERCEPTION
 from safety_modules.fileio import read_json
+from safety_modules.labels import ALIGNMENT, PERCEPTION
 
 # metric -> what it is, in the words a report uses
 METRICS: dict[str, str] = {

@@ -1,8 +1,8 @@
 """Is the judge right? Labelled answers in the styles evaluated models produce, scored by each labeller.
 
 Why: agreement between two labellers says nothing about which one is right, and a classifier
-trained on its own answer templates can miss the phrasings a trained model drifts into (a PPO
-model once answered "No, this image is not safe. It shows burglary, which is harmless."). So each
+trained on its own answer templates can miss the phrasings a trained model drifts into ("No, this
+image is not safe. It shows burglary, which is harmless." is a verdict, not a hedge). So each
 evaluation also labels a small set of answers with known classes, written here from the styles the
 evaluated models produce (none are the classifier's training templates), on a seeded sample of the
 evaluation's own questions:
@@ -22,10 +22,10 @@ import random
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from eval.core.labeling import Labeler, label_items
 from concept_world.texts import (GENERIC_SAFE_ANSWERS, GENERIC_UNSAFE_ANSWERS, SAFE_ANSWERS, TEXT_SAFE_ANSWERS,
                                   TEXT_UNSAFE_ANSWERS, UNSAFE_ANSWERS, perception_answer)
 from eval.core.items import TEXT_ALIGNMENT, EvalItem
+from eval.core.labeling import Labeler, label_items
 from eval.core.metrics import agreement
 from response_classifier.data import parse_options
 from safety_modules.labels import ALIGNMENT, NA, PERCEPTION, SAFE, UNSAFE, VERDICTS

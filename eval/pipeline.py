@@ -16,14 +16,14 @@ from eval.benchmarks import general, rtvlm
 from eval.benchmarks import unsafeconcepts as uc
 from eval.benchmarks.protocols import MEASUREMENT, RLHF_TEST, protocol_items
 from eval.benchmarks.safe_images import load_safe_images
-from eval.core.items import MULTIPLE_CHOICE, EvalItem
 from eval.core.cache import Cache
-from runtime.distributed import DistContext
-from eval.generation import GenerationResult, answer_items
-from eval.judge_check import check_answers, judge_accuracy
+from eval.core.items import MULTIPLE_CHOICE, EvalItem
 from eval.core.labeling import Labeler, build_labelers
 from eval.core.models import GenerationSettings, ModelRunner
+from eval.generation import GenerationResult, answer_items
+from eval.judge_check import check_answers, judge_accuracy
 from eval.report import write_results
+from runtime.distributed import DistContext
 from runtime.layout import EvalLayout
 from safety_modules.configio import ConfigError, to_dict
 from safety_modules.input_format import CONVERSATION_NAMES, IMAGE_PREPROCESS, PROCESSOR_PREPROCESS

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from eval.core.items import DataError
 from eval.benchmarks.general import load_general, load_mme_folders, load_mme_jsonl
+from eval.core.items import DataError
 from safevlm.cli import main
 
 

@@ -11,12 +11,12 @@ import pytest
 from datasets import Dataset
 from PIL import Image
 
-from eval.core.items import DataError
 from eval.benchmarks import unsafeconcepts as uc
+from eval.core.items import DataError
 from eval.core.labeling import RuleLabeler, label_items
-from safety_modules.labels import NA
 from response_classifier.data import parse_options
 from runtime.layout import DataLayout
+from safety_modules.labels import NA
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "unsafeconcepts"
 N_ROWS = 12

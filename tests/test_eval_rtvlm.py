@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from eval.core.items import DataError
 from eval.benchmarks.rtvlm import DEFAULT_SUBSETS, SUBSETS, load_rtvlm, load_subset
+from eval.core.items import DataError
 from eval.core.metrics import RTVLM_SUBTASKS
 from safevlm.cli import main
 

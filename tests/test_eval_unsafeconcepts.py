@@ -19,11 +19,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from eval.core.items import DataError
 from eval.benchmarks import unsafeconcepts as uc
 from eval.core.cache import Cache
-from eval.generation import answer_items
+from eval.core.items import DataError
 from eval.core.models import GenerationSettings, load_runner
+from eval.generation import answer_items
 from eval.pipeline import EvalConfig, run_unsafeconcepts
 from safevlm.cli import main
 

@@ -16,9 +16,9 @@ from typing import Sequence
 
 import numpy as np
 
-from eval.core.items import DataError, EvalItem
 from eval.benchmarks import unsafeconcepts as uc
 from eval.benchmarks.safe_images import SafeImages, safe_reference_split, select_safe_rows
+from eval.core.items import DataError, EvalItem
 from runtime.layout import DataLayout
 from safety_modules.labels import ALIGNMENT, PERCEPTION
 

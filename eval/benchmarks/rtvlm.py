@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from eval.core.items import RTVLM, DataError, EvalItem, read_jsonl, require
-from eval.judges.base import Judge, JudgeRequest
 from eval.core.metrics import RTVLM_SUBTASKS, rtvlm_scores
 from eval.core.refusal import is_refusal
+from eval.judges.base import Judge, JudgeRequest
 from safety_modules.images import ImageError, resolve_image_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from concept_world.build import STAGE0_ONLY, VALIDATION_SPLIT
+from concept_world.concepts import SAFE_CATEGORY
+from concept_world.texts import OPTION_LETTERS, option_str
 from eval.core.items import BLANK, TEXT_ALIGNMENT, DataError, EvalItem, read_jsonl, require
 from eval.core.labeling import Labeler, label_items
 from eval.core.metrics import CONVENTIONS, false_refusal, modality_gap, pairwise_agreement, task_metrics
 from eval.core.refusal import is_refusal
-from concept_world.build import STAGE0_ONLY, VALIDATION_SPLIT
-from concept_world.concepts import SAFE_CATEGORY
-from concept_world.texts import OPTION_LETTERS, option_str
 from runtime.layout import DataLayout
 from safety_modules.images import ImageError, resolve_image_path
 from safety_modules.labels import ALIGNMENT, OPTIONS, PERCEPTION, SAFE, UNSAFE

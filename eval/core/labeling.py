@@ -54,8 +54,7 @@ class ClassifierLabeler:
         """Each distinct (question, answer) pair is classified once.
 
         Why: greedy answers repeat (five alignment prompts per image, a handful of distinct
-        verdicts), and the classifier's forward is most of an evaluation's time on a CPU; measured
-        on the tiny default, 870 answers held 357 distinct pairs.
+        verdicts), and the classifier's forward is most of an evaluation's time on a CPU.
         """
         pairs = list(dict.fromkeys(zip(questions, answers)))
         labels: list[str] = []

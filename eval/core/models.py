@@ -96,8 +96,9 @@ def tensor_fingerprint(module: torch.nn.Module) -> str:
 def folder_fingerprint(path: str | Path, full_below: int = 64 << 20) -> str:
     """sha256 over a folder's files: small files in full, big weight files by size + head + tail.
 
-    Why not all bytes: hashing 14 GB of 7B weights on every eval costs minutes; size plus the first
-    and last MiB (the safetensors header names every tensor and offset) changes with any re-save.
+    Why not all bytes: hashing a full-size model's weights on every evaluation would cost more than a
+    short evaluation; size plus the first and last MiB (the safetensors header names every tensor and
+    offset) changes with any re-save.
     """
     root = Path(path)
     digest = hashlib.sha256()

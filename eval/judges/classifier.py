@@ -19,8 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from eval.judges.base import JudgeError, JudgeRequest, Judgement
 from eval.core.refusal import gives_reason, is_refusal
+from eval.judges.base import JudgeError, JudgeRequest, Judgement
 from response_classifier.model import ResponseClassifier
 from safety_modules.labels import ALIGNMENT, NA, SAFE, UNSAFE
 

@@ -40,7 +40,7 @@ from openai import APIConnectionError, APIStatusError, OpenAI
 from eval.core.cache import Cache, content_key, file_hash
 from eval.judges.base import RUBRIC_VERSION, JudgeError, JudgeRequest, Judgement, read_score, rubric_prompt, score_error
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUSES = {408, 409, 429, 500, 502, 503, 504}
@@ -227,10 +227,10 @@ class OpenAIJudge:
                 delay = self._delay(attempt, retry_after)
                 refused = self._too_long(delay, retry_after, waited)
                 if refused is not None:
-                    logger.warning("judge %s: %s: %s", self.model, last.split(":")[0], refused)
+                    log.warning("judge %s: %s: %s", self.model, last.split(":")[0], refused)
                     return None, f"{last}; {refused}"
                 level = logging.WARNING if delay >= LONG_WAIT_S else logging.INFO
-                logger.log(level, "judge %s: attempt %d failed (%s); waiting %.2f s before retrying%s", self.model,
+                log.log(level, "judge %s: attempt %d failed (%s); waiting %.2f s before retrying%s", self.model,
                            attempt + 1, last.split(":")[0], delay,
                            " (the server's Retry-After)" if retry_after is not None else "")
                 time.sleep(delay)

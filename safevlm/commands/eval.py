@@ -13,11 +13,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import sys
 from pathlib import Path
 
 from runtime.layout import CACHE_FILE, DOWNLOAD_FILE, HUB_DATA_DIR, EvalLayout
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -188,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.benchmark}: {results['data']['n_items']} items ({gen['generated']} generated, "
           f"{gen['from_cache']} from cache) -> {out.results}, {out.report}")
     if args.benchmark == "rtvlm" and not results["metrics"]["complete"]:
-        print(f"warning: the judge failed on {results['metrics']['n_failed']} answers; they are reported as "
-              "failed (see responses.jsonl), not scored", file=sys.stderr)
+        log.warning("the judge failed on %d answers; they are reported as failed (see %s), not scored",
+                    results["metrics"]["n_failed"], out.responses)
         return 3
     return 0
