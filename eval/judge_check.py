@@ -149,7 +149,7 @@ def judge_accuracy(checks: Sequence[CheckAnswer], labelers: Mapping[str, Labeler
     """Each labeller's accuracy on `checks` (overall, per task, per style), and every labelled answer.
 
     Returns {"labelers": {name: {"overall": ..., "per_task": {...}, "per_style": {...}}}, "records": [...]},
-    each accuracy an `eval.metrics.agreement` of the labels with the gold classes."""
+    each accuracy an `eval.core.metrics.agreement` of the labels with the gold classes."""
     items = [EvalItem(id=f"check/{i}", task=c.task, question=c.question) for i, c in enumerate(checks)]
     labels = label_items(items, {it.id: c.answer for it, c in zip(items, checks)}, labelers)
     records = [{"task": c.task, "style": c.style, "question": c.question, "answer": c.answer, "gold": c.gold,

@@ -9,7 +9,7 @@ Two folder layouts are read:
 Field names differ per file (see `SUBSETS`); both the early-2024 files and the later revision
 (politics, racial and jailbreak enlarged to 200 items, same fields) are read the same way.
 
-The ten scored subtasks and their aspects are in `eval.metrics` (overall = unweighted mean of ten).
+The ten scored subtasks and their aspects are in `eval.core.metrics` (overall = unweighted mean of ten).
 The order subsets show two images; single-image models see them side by side in one picture.
 """
 
