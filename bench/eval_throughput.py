@@ -9,8 +9,6 @@ safety modules attached, and both must produce the same answers.
     python bench/eval_throughput.py --shape llava-7b      # LLaVA-1.5-7B shape, random bf16 weights, GPU
                                                           # (target >= 10x at batch 16)
 The last line of output is one JSON object: device, batch, batched_over_single, and the rates.
-Measured on the 2-core CPU of the development machine (tiny, batch 16, 16 new tokens, 1 thread):
-10.1x and 11.5x in two runs (~170-180 vs ~15-18 items/s).
 Random weights rarely emit end-of-sequence, and EOS is disabled so every answer has exactly
 --max-new-tokens tokens on both sides (a fair, fixed amount of work).
 """
@@ -31,23 +29,22 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from eval.benchmarks import EvalItem  # noqa: E402
+from base_models.shapes import random_llava, safety_config  # noqa: E402
+from base_models.tiny import build_tiny_llava  # noqa: E402
 from eval.benchmarks.unsafeconcepts import PROMPTS  # noqa: E402
+from eval.core.items import EvalItem  # noqa: E402
+from eval.core.models import GenerationSettings, SafetyRunner  # noqa: E402
 from eval.generation import answer_items  # noqa: E402
-from eval.models import GenerationSettings, SafetyRunner  # noqa: E402
 from safety_modules import SafetyConfig, attach  # noqa: E402
 
 
 def tiny_model():
-    from base_models.tiny import build_tiny_llava
     base, processor = build_tiny_llava(seed=0)
     return attach(base, SafetyConfig(num_safety_tokens=4, num_queries=4), processor), 32
 
 
 def llava7b_model(device: str):
     """LLaVA-1.5-7B shape (CLIP ViT-L/14-336 + Llama-7B), random bf16 weights, the paper's modules."""
-    from base_models.shapes import random_llava, safety_config
-
     torch.manual_seed(0)
     base, processor = random_llava("llava-1.5-7b", device)
     return attach(base, safety_config("llava-1.5-7b"), processor), 336

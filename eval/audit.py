@@ -17,7 +17,8 @@ import json
 import random
 from pathlib import Path
 
-from eval.benchmarks import read_jsonl
+from eval.core.items import read_jsonl
+from runtime.layout import RESULTS_FILE, EvalLayout
 
 FIXED_COLUMNS = ("method", "split", "task", "id", "question", "answer", "target")
 HUMAN_LABEL = "human_label"
@@ -30,8 +31,8 @@ def labelled_answers(run_dir: str | Path) -> dict[str, list[dict]]:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: run folder not found")
     by_method: dict[str, list[dict]] = {}
-    for results_path in sorted(run_dir.rglob("results.json")):
-        responses = results_path.with_name("responses.jsonl")
+    for results_path in sorted(run_dir.rglob(RESULTS_FILE)):
+        responses = EvalLayout(results_path.parent).responses
         if not responses.is_file():
             continue
         folder = results_path.parent.relative_to(run_dir).parts

@@ -15,10 +15,10 @@ from typing import Callable, Sequence
 from PIL import Image
 from tqdm.auto import tqdm
 
-from eval.benchmarks import BLANK, DataError, EvalItem
-from eval.cache import Cache, content_key, file_hash
+from eval.core.cache import Cache, content_key, file_hash
+from eval.core.items import BLANK, DataError, EvalItem
+from eval.core.models import GenerationSettings, ModelRunner, item_seed
 from runtime.distributed import DistContext
-from eval.models import GenerationSettings, ModelRunner, item_seed
 from safety_modules.images import load_image
 
 CACHE_VERSION = "response/v1"

@@ -14,18 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from eval.benchmarks import read_jsonl
+from eval.core.items import TEXT_ALIGNMENT, read_jsonl
+from runtime.layout import EvalLayout
 from safety_modules.fileio import read_json
-
-RESPONSES = "responses.jsonl"
-RESULTS = "results.json"
+from safety_modules.labels import ALIGNMENT, PERCEPTION
 
 # metric -> what it is, in the words a report uses
 METRICS: dict[str, str] = {
     "unsafe_image": "unsafe images judged unsafe",
     "safe_image": "safe images judged safe (1 - false refusal)",
     "text_only": "text-only questions judged right",
-    "perception": "perception (multiple choice) right",
+    PERCEPTION: "perception (multiple choice) right",
 }
 # The model-selection criterion, fixed before any trial is run: the mean of these metrics.
 SELECTION_METRICS = ("unsafe_image", "safe_image", "text_only")
@@ -36,12 +35,12 @@ CRITERION = ("the mean of unsafe-image, safe-image and text-only accuracy on the
 def metric_of(record: Mapping) -> str | None:
     """Which headline metric an answer record counts towards (None: none)."""
     task = record.get("task")
-    if task == "alignment":
+    if task == ALIGNMENT:
         return "safe_image" if record.get("is_safe") else "unsafe_image"
-    if task == "text_alignment":
+    if task == TEXT_ALIGNMENT:
         return "text_only"
-    if task == "perception":
-        return "perception"
+    if task == PERCEPTION:
+        return PERCEPTION
     return None
 
 
@@ -90,7 +89,7 @@ def selection_score(numbers: Mapping[str, float | None]) -> float:
 
 def read_evaluation(eval_dir: str | Path) -> tuple[list[dict], str]:
     """(answer records, primary labeller) of one evaluation folder written by eval.report.write_results."""
-    eval_dir = Path(eval_dir)
-    results = read_json(eval_dir / RESULTS, "evaluation results")
+    layout = EvalLayout(eval_dir)
+    results = read_json(layout.results, "evaluation results")
     labeler = results.get("metrics", {}).get("primary_labeler") or results["labelers"][0]
-    return [record for _, record in read_jsonl(eval_dir / RESPONSES)], labeler
+    return [record for _, record in read_jsonl(layout.responses)], labeler

@@ -12,14 +12,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, Mapping, Sequence
 
-from eval.benchmarks import EvalItem
-from eval.cache import Cache
-from runtime.distributed import DistContext
+from eval.benchmarks import general, rtvlm
+from eval.benchmarks import unsafeconcepts as uc
+from eval.benchmarks.protocols import MEASUREMENT, RLHF_TEST, protocol_items
+from eval.benchmarks.safe_images import load_safe_images
+from eval.core.cache import Cache
+from eval.core.items import MULTIPLE_CHOICE, EvalItem
+from eval.core.labeling import Labeler, build_labelers
+from eval.core.models import GenerationSettings, ModelRunner
 from eval.generation import GenerationResult, answer_items
 from eval.judge_check import check_answers, judge_accuracy
-from eval.labeling import Labeler, build_labelers
-from eval.models import GenerationSettings, ModelRunner
 from eval.report import write_results
+from runtime.distributed import DistContext
+from runtime.layout import EvalLayout
 from safety_modules.configio import ConfigError, to_dict
 from safety_modules.input_format import CONVERSATION_NAMES, IMAGE_PREPROCESS, PROCESSOR_PREPROCESS
 
@@ -48,17 +53,12 @@ def open_cache(cache: Cache | str | Path | None, out: Path, table: str = "respon
         return None
     if isinstance(cache, Cache):
         return cache
-    return Cache(Path(cache) if cache else out / "cache.sqlite", table=table)
+    return Cache(Path(cache) if cache else EvalLayout(out).cache, table=table)
 
 
-def _answer(items: Sequence[EvalItem], runner: ModelRunner, cfg: EvalConfig, cache: Cache | None,
-            ctx: DistContext | None, on_batch: Callable[[int, int], None] | None, desc: str) -> GenerationResult:
-    return answer_items(items, runner, cfg.generation, cache=cache, batch_size=cfg.batch_size, ctx=ctx,
-                        progress=cfg.progress, on_batch=on_batch, desc=desc)
-
-
-def _common(benchmark: str, runner: ModelRunner, cfg: EvalConfig, gen: GenerationResult, ctx: DistContext | None,
-            cache: Cache | None, data: dict) -> dict:
+def _results(benchmark: str, runner: ModelRunner, cfg: EvalConfig, gen: GenerationResult, ctx: DistContext | None,
+             cache: Cache | None, data: dict) -> dict:
+    """What every results.json starts with: the benchmark, the model, the settings, the data, the generation."""
     return {
         "benchmark": benchmark,
         "model": {"name": runner.name, "kind": runner.kind, "fingerprint": runner.fingerprint},
@@ -70,8 +70,23 @@ def _common(benchmark: str, runner: ModelRunner, cfg: EvalConfig, gen: Generatio
     }
 
 
+def _answer_and_score(benchmark: str, items: Sequence[EvalItem], runner: ModelRunner, cfg: EvalConfig,
+                      cache: Cache | str | Path | None, out: Path, ctx: DistContext | None,
+                      on_batch: Callable[[int, int], None] | None,
+                      score: Callable[[dict[str, str]], dict], data: dict) -> tuple[dict, dict] | None:
+    """Answer `items` on every rank (cached, sharded), then on rank 0 score the answers with `score`:
+    (the results so far, the scored {"records", "metrics"}); None on the other ranks."""
+    store = open_cache(cache, out)
+    gen = answer_items(items, runner, cfg.generation, cache=store, batch_size=cfg.batch_size, ctx=ctx,
+                       progress=cfg.progress, on_batch=on_batch, desc=benchmark)
+    if ctx is not None and not ctx.is_main:
+        return None
+    scored = score(gen.answers)
+    return _results(benchmark, runner, cfg, gen, ctx, store, data), scored
+
+
 def run_unsafeconcepts(runner: ModelRunner, data: str | Path, out: str | Path, *, split: str | None = None,
-                       protocol: str = "measurement", safe_data: str | Path | None = None,
+                       protocol: str = MEASUREMENT, safe_data: str | Path | None = None,
                        limit: int | None = None, sample: int | None = None, seed: int = 0,
                        tasks: Sequence[str] | None = None, labelers: Mapping[str, Labeler] | None = None,
                        classifier: str | Path | None = None, second_classifier: str | Path | None = None,
@@ -81,10 +96,6 @@ def run_unsafeconcepts(runner: ModelRunner, data: str | Path, out: str | Path, *
     """UnsafeConcepts under `protocol` (`eval.benchmarks.protocols`: `measurement` = perception, image
     and text-only alignment; `rlhf-test` = the reference's RLHF test, greedy) on an UnsafeConcepts-layout
     folder, with the safe images of `safe_data` (a folder as the reference writes it) when given."""
-    from eval.benchmarks import unsafeconcepts as uc
-    from eval.benchmarks.protocols import RLHF_TEST, protocol_items
-    from eval.benchmarks.safe_images import load_safe_images
-
     cfg = cfg or EvalConfig()
     if protocol == RLHF_TEST:                         # the reference's RLHF test decodes greedily
         cfg = replace(cfg, generation=replace(cfg.generation, greedy=True))
@@ -93,18 +104,18 @@ def run_unsafeconcepts(runner: ModelRunner, data: str | Path, out: str | Path, *
     safe = load_safe_images(safe_data) if safe_data else None
     items = protocol_items(protocol, ds, safe, split, tasks, limit=limit, sample=sample, seed=seed)
     labelers = labelers if labelers is not None else build_labelers(classifier, second_classifier, rules)
-    store = open_cache(cache, out)
-    gen = _answer(items, runner, cfg, store, ctx, on_batch, "unsafeconcepts")
-    if ctx is not None and not ctx.is_main:
-        return None
-    scored = uc.score(items, gen.answers, labelers)
     images = {(it.meta["is_safe"], it.meta["image"]) for it in items if "image" in it.meta}
-    results = _common("unsafeconcepts", runner, cfg, gen, ctx, store,
-                      {"root": str(Path(data)), "protocol": protocol, "split": split or "all",
-                       "safe_data": str(Path(safe_data)) if safe_data else None, "limit": limit, "sample": sample,
-                       "n_images": sum(1 for is_safe, _ in images if not is_safe),
-                       "n_safe_images": sum(1 for is_safe, _ in images if is_safe),
-                       "n_items": len(items), "tasks": sorted({it.task for it in items})})
+    done = _answer_and_score(
+        "unsafeconcepts", items, runner, cfg, cache, out, ctx, on_batch,
+        lambda answers: uc.score(items, answers, labelers),
+        {"root": str(Path(data)), "protocol": protocol, "split": split or "all",
+         "safe_data": str(Path(safe_data)) if safe_data else None, "limit": limit, "sample": sample,
+         "n_images": sum(1 for is_safe, _ in images if not is_safe),
+         "n_safe_images": sum(1 for is_safe, _ in images if is_safe),
+         "n_items": len(items), "tasks": sorted({it.task for it in items})})
+    if done is None:
+        return None
+    results, scored = done
     results["labelers"] = list(labelers)
     results["metrics"] = {**scored["metrics"], "protocol": protocol}
     check = {"labelers": {}, "records": []}
@@ -121,9 +132,6 @@ def run_rtvlm(runner: ModelRunner, data: str | Path, out: str | Path, judge, *, 
               cache: Cache | str | Path | None = None, ctx: DistContext | None = None,
               on_batch: Callable[[int, int], None] | None = None) -> dict | None:
     """The RTVLM subsets answered, judged by `judge` (see eval.judges), scored per subtask/aspect."""
-    from eval.benchmarks import rtvlm
-    from eval.benchmarks.unsafeconcepts import subsample
-
     cfg = cfg or EvalConfig()
     out = Path(out)
     items = rtvlm.load_rtvlm(data, subsets)
@@ -131,15 +139,14 @@ def run_rtvlm(runner: ModelRunner, data: str | Path, out: str | Path, judge, *, 
         by_subset: dict[str, list[EvalItem]] = {}
         for it in items:
             by_subset.setdefault(it.meta["subset"], []).append(it)
-        items = [it for group in by_subset.values() for it in subsample(group, limit=limit, sample=sample, seed=seed)]
-    store = open_cache(cache, out)
-    gen = _answer(items, runner, cfg, store, ctx, on_batch, "rtvlm")
-    if ctx is not None and not ctx.is_main:
+        items = [it for group in by_subset.values() for it in uc.subsample(group, limit=limit, sample=sample, seed=seed)]
+    done = _answer_and_score(
+        "rtvlm", items, runner, cfg, cache, out, ctx, on_batch, lambda answers: rtvlm.score(items, answers, judge),
+        {"root": str(Path(data)), "subsets": sorted({it.meta["subset"] for it in items}),
+         "limit_per_subset": limit, "sample_per_subset": sample, "n_items": len(items)})
+    if done is None:
         return None
-    scored = rtvlm.score(items, gen.answers, judge)
-    results = _common("rtvlm", runner, cfg, gen, ctx, store,
-                      {"root": str(Path(data)), "subsets": sorted({it.meta["subset"] for it in items}),
-                       "limit_per_subset": limit, "sample_per_subset": sample, "n_items": len(items)})
+    results, scored = done
     results["metrics"] = scored["metrics"]
     write_results(out, results, scored["records"])
     return results
@@ -151,21 +158,17 @@ def run_general(runner: ModelRunner, data: str | Path, out: str | Path, *, split
                 cfg: EvalConfig | None = None, cache: Cache | str | Path | None = None,
                 ctx: DistContext | None = None) -> dict | None:
     """MME-style yes/no (accuracy, accuracy+) or the concept world's multiple choice and captions."""
-    from eval.benchmarks import general
-
     cfg = cfg or EvalConfig()
     out = Path(out)
     items = general.load_general(data, split=split, limit=limit, sample=sample, seed=seed)
-    needs_labels = any(it.task == "multiple_choice" for it in items)
-    if labelers is None and needs_labels:
+    if labelers is None and any(it.task == MULTIPLE_CHOICE for it in items):
         labelers = build_labelers(classifier, None, rules=True)
-    store = open_cache(cache, out)
-    gen = _answer(items, runner, cfg, store, ctx, None, "general")
-    if ctx is not None and not ctx.is_main:
+    done = _answer_and_score(
+        "general", items, runner, cfg, cache, out, ctx, None, lambda answers: general.score(items, answers, labelers),
+        {"root": str(Path(data)), "split": split, "limit": limit, "sample": sample, "n_items": len(items)})
+    if done is None:
         return None
-    scored = general.score(items, gen.answers, labelers)
-    results = _common("general", runner, cfg, gen, ctx, store,
-                      {"root": str(Path(data)), "split": split, "limit": limit, "sample": sample, "n_items": len(items)})
+    results, scored = done
     results["labelers"] = list(labelers or {})
     results["metrics"] = scored["metrics"]
     write_results(out, results, scored["records"])

@@ -15,7 +15,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-TASK_LABELS = {"perception": "perception", "alignment": "image alignment", "text_alignment": "text-only alignment"}
+from eval.core.items import TEXT_ALIGNMENT  # noqa: E402
+from safety_modules.labels import ALIGNMENT, PERCEPTION  # noqa: E402
+
+TASK_LABELS = {PERCEPTION: "perception", ALIGNMENT: "image alignment", TEXT_ALIGNMENT: "text-only alignment"}
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -32,6 +35,19 @@ def _value(acc: Mapping | None, convention: str) -> float:
     return float("nan") if v is None else float(v)
 
 
+def _bar_axes(ax, ticks: Sequence[float], names: Sequence[str], top: float, ylabel: str | None, title: str,
+              legend: bool = True) -> None:
+    """The x labels (slanted), the y range and label, the title and the legend of a bar chart."""
+    ax.set_xticks(list(ticks))
+    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(0, top)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
+
+
 def plot_category_accuracy(metrics: Mapping, path: str | Path, convention: str = "na_excluded") -> Path:
     """Grouped bars: accuracy per category for each task present."""
     tasks = [t for t in TASK_LABELS if t in metrics]
@@ -41,18 +57,14 @@ def plot_category_accuracy(metrics: Mapping, path: str | Path, convention: str =
     for k, task in enumerate(tasks):
         vals = [_value(metrics[task]["per_category"].get(c), convention) for c in categories]
         ax.bar([i + k * width for i in range(len(categories))], vals, width, label=TASK_LABELS[task])
-    ax.set_xticks([i + width * (len(tasks) - 1) / 2 for i in range(len(categories))])
-    ax.set_xticklabels(categories, rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel(f"accuracy ({convention})")
-    ax.set_title("Accuracy per category")
-    ax.legend(fontsize=8)
+    _bar_axes(ax, [i + width * (len(tasks) - 1) / 2 for i in range(len(categories))], categories, 1.05,
+              f"accuracy ({convention})", "Accuracy per category")
     return _save(fig, path)
 
 
 def plot_modality_gap(metrics: Mapping, path: str | Path, convention: str = "na_excluded") -> Path:
     """Image vs text-only alignment accuracy per category (and overall), the gap written above."""
-    image, text = metrics["alignment"], metrics["text_alignment"]
+    image, text = metrics[ALIGNMENT], metrics[TEXT_ALIGNMENT]
     categories = sorted(set(image["per_category"]) & set(text["per_category"]))
     labels = ["overall"] + categories
     img = [_value(image["overall"], convention)] + [_value(image["per_category"][c], convention) for c in categories]
@@ -64,12 +76,7 @@ def plot_modality_gap(metrics: Mapping, path: str | Path, convention: str = "na_
     for x, a, b in zip(xs, img, txt):
         if a == a and b == b:  # not NaN
             ax.annotate(f"{b - a:+.2f}", (x, max(a, b) + 0.02), ha="center", fontsize=7)
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.12)
-    ax.set_ylabel(f"alignment accuracy ({convention})")
-    ax.set_title("Modality gap: text-only minus image accuracy")
-    ax.legend(fontsize=8)
+    _bar_axes(ax, xs, labels, 1.12, f"alignment accuracy ({convention})", "Modality gap: text-only minus image accuracy")
     return _save(fig, path)
 
 
@@ -83,27 +90,20 @@ def plot_rtvlm(metrics: Mapping, path: str | Path) -> Path:
     overall = metrics.get("overall")
     if overall is not None:
         ax.axhline(overall, color="black", linestyle="--", linewidth=1, label=f"overall {overall:.2f}")
-        ax.legend(fontsize=8)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(0, 10.5)
-    ax.set_ylabel("judge score (1-10)")
-    ax.set_title(f"RTVLM per subtask ({metrics.get('judge', 'judge')})")
+    _bar_axes(ax, range(len(names)), names, 10.5, "judge score (1-10)",
+              f"RTVLM per subtask ({metrics.get('judge', 'judge')})", legend=overall is not None)
     return _save(fig, path)
 
 
 def plot_mme(metrics: Mapping, path: str | Path) -> Path:
+    """Accuracy and accuracy+ per MME category."""
     per = metrics["per_category"]
     names = list(per)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 4.0))
     xs = range(len(names))
     ax.bar([x - 0.2 for x in xs], [per[n]["accuracy"] or 0 for n in names], 0.4, label="accuracy")
     ax.bar([x + 0.2 for x in xs], [per[n]["accuracy_plus"] or 0 for n in names], 0.4, label="accuracy+")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_title("MME-style yes/no")
-    ax.legend(fontsize=8)
+    _bar_axes(ax, xs, names, 1.05, None, "MME-style yes/no")
     return _save(fig, path)
 
 

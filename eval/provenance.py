@@ -12,6 +12,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+import torch
+
 LIBRARIES = ("torch", "transformers", "peft", "deepspeed")
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -35,10 +37,6 @@ def cpu_model() -> str:
 
 def gpu_names() -> list[str]:
     """Names of the visible CUDA devices; empty without a GPU."""
-    try:
-        import torch
-    except ImportError:
-        return []
     if not torch.cuda.is_available():
         return []
     return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -21,9 +21,14 @@ from typing import Any, Mapping, Sequence
 
 from eval import plots
 from eval.benchmarks.protocols import RLHF_TEST
-from eval.metrics import CONVENTIONS, FALSE_REFUSAL_NOT_MEASURED, RTVLM_ASPECTS
+from eval.core.items import CAPTION, MME, MULTIPLE_CHOICE, TEXT_ALIGNMENT
+from eval.core.metrics import CONVENTIONS, FALSE_REFUSAL_NOT_MEASURED, RTVLM_ASPECTS
 from eval.provenance import environment
+from runtime.layout import (CATEGORY_PLOT_FILE, COMPARISON_CSV_FILE, COMPARISON_FIGURE_FILE, COMPARISON_JSON_FILE,
+                            COMPARISON_MARKDOWN_FILE, MME_PLOT_FILE, MODALITY_GAP_PLOT_FILE, RESULTS_FILE,
+                            RTVLM_PLOT_FILE, EvalLayout)
 from safety_modules.fileio import write_json_atomic, write_text_atomic
+from safety_modules.labels import ALIGNMENT, PERCEPTION
 
 CONVENTION_NAMES = {"na_excluded": "NA excluded", "na_counted_wrong": "NA counted wrong"}
 
@@ -59,13 +64,13 @@ def headline(results: Mapping) -> dict[str, float | None]:
     if bench == "unsafeconcepts":
         for conv in CONVENTIONS:
             tag = CONVENTION_NAMES[conv]
-            for task, label in (("perception", "perception acc"), ("alignment", "image alignment acc"),
-                                ("text_alignment", "text alignment acc")):
+            for task, label in ((PERCEPTION, "perception acc"), (ALIGNMENT, "image alignment acc"),
+                                (TEXT_ALIGNMENT, "text alignment acc")):
                 if task in m:
                     out[f"UC {label} ({tag})"] = m[task]["overall"][conv]
             if "modality_gap" in m:
                 out[f"UC modality gap ({tag})"] = m["modality_gap"][conv]["overall"]
-        for task in ("alignment", "text_alignment", "perception"):
+        for task in (ALIGNMENT, TEXT_ALIGNMENT, PERCEPTION):
             if task in m:
                 out[f"UC {task} NA rate"] = m[task]["overall"]["na_rate"]
         if m.get("protocol") == RLHF_TEST:
@@ -90,19 +95,19 @@ def headline(results: Mapping) -> dict[str, float | None]:
             if score is not None:
                 out[f"RTVLM {aspect} / 10"] = score / scale
     elif bench == "general":
-        if "mme" in m:
-            out["MME accuracy"] = m["mme"]["overall"]["accuracy"]
-            out["MME accuracy+"] = m["mme"]["overall"]["accuracy_plus"]
-        if "multiple_choice" in m:
-            out["world multiple-choice acc (NA excluded)"] = m["multiple_choice"]["overall"]["na_excluded"]
-        if "caption" in m:
-            out["world caption acc"] = m["caption"]["accuracy"]
+        if MME in m:
+            out["MME accuracy"] = m[MME]["overall"]["accuracy"]
+            out["MME accuracy+"] = m[MME]["overall"]["accuracy_plus"]
+        if MULTIPLE_CHOICE in m:
+            out["world multiple-choice acc (NA excluded)"] = m[MULTIPLE_CHOICE]["overall"]["na_excluded"]
+        if CAPTION in m:
+            out["world caption acc"] = m[CAPTION]["accuracy"]
     return out
 
 
 def rlhf_test_parts(m: Mapping) -> dict[str, Mapping | None]:
     """The reference RLHF test's three accuracies (`accuracy` dicts): all images, unsafe, safe."""
-    align = m.get("alignment", {})
+    align = m.get(ALIGNMENT, {})
     fr = m.get("false_refusal") or {}
     return {"all images": align.get("overall_all"), "unsafe images": align.get("overall"),
             "safe images": fr.get("safe_accuracy")}
@@ -117,7 +122,7 @@ def caveats(results: Mapping) -> list[str]:
 
 
 def _uc_table(m: Mapping, conv: str) -> tuple[list[str], list[list[str]]]:
-    tasks = ("perception", "alignment", "text_alignment")
+    tasks = (PERCEPTION, ALIGNMENT, TEXT_ALIGNMENT)
     header = ["category", "perception", "image alignment", "text alignment", "modality gap", "image NA rate"]
     cats = sorted({c for t in tasks if t in m for c in m[t]["per_category"]})
     rows = []
@@ -131,7 +136,7 @@ def _uc_table(m: Mapping, conv: str) -> tuple[list[str], list[list[str]]]:
         if "modality_gap" in m:
             g = m["modality_gap"][conv]
             gap = g["overall"] if cat is None else g["per_category"].get(cat)
-        image = acc("alignment")
+        image = acc(ALIGNMENT)
         rows.append([label] + [_fmt(acc(t)[conv]) if acc(t) else "n/a" for t in tasks]
                     + [_fmt(gap), _fmt(image["na_rate"]) if image else "n/a"])
     return header, rows
@@ -191,19 +196,19 @@ def tables(results: Mapping) -> list[tuple[str, list[str], list[list[str]]]]:
         rows.append(["overall (mean of ten)", _fmt(m["overall"]), "", str(m["n_failed"])])
         out.append((f"RTVLM scores (judge {m.get('judge')})", ["subtask", "score", "n", "judge failures"], rows))
     elif bench == "general":
-        if "mme" in m:
+        if MME in m:
             rows = [[c, _fmt(v["accuracy"]), _fmt(v["accuracy_plus"]), _fmt(v["score"]), str(v["n"])]
-                    for c, v in m["mme"]["per_category"].items()]
-            o = m["mme"]["overall"]
+                    for c, v in m[MME]["per_category"].items()]
+            o = m[MME]["overall"]
             rows.append(["overall", _fmt(o["accuracy"]), _fmt(o["accuracy_plus"]), _fmt(o["total_score"]), str(o["n"])])
             out.append(("MME-style yes/no", ["category", "accuracy", "accuracy+", "score", "n"], rows))
         rows = []
-        if "multiple_choice" in m:
-            o = m["multiple_choice"]["overall"]
+        if MULTIPLE_CHOICE in m:
+            o = m[MULTIPLE_CHOICE]["overall"]
             rows.append(["multiple choice", _fmt(o["na_excluded"]), _fmt(o["na_counted_wrong"]), str(o["n"])])
-        if "caption" in m:
-            rows.append(["caption", _fmt(m["caption"]["accuracy"]), _fmt(m["caption"]["accuracy"]),
-                         str(m["caption"]["n"])])
+        if CAPTION in m:
+            rows.append(["caption", _fmt(m[CAPTION]["accuracy"]), _fmt(m[CAPTION]["accuracy"]),
+                         str(m[CAPTION]["n"])])
         if rows:
             out.append(("Concept world", ["task", "accuracy (NA excluded)", "accuracy (NA counted wrong)", "n"], rows))
     return out
@@ -224,17 +229,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def make_plots(results: Mapping, out: Path) -> list[Path]:
+    """The PNGs of `eval.plots` that one result has numbers for, written into `out`."""
     bench, m = results["benchmark"], results["metrics"]
     made = []
     if bench == "unsafeconcepts":
         if any(t in m for t in plots.TASK_LABELS):
-            made.append(plots.plot_category_accuracy(m, out / "per_category_accuracy.png"))
-        if "alignment" in m and "text_alignment" in m:
-            made.append(plots.plot_modality_gap(m, out / "modality_gap.png"))
+            made.append(plots.plot_category_accuracy(m, out / CATEGORY_PLOT_FILE))
+        if ALIGNMENT in m and TEXT_ALIGNMENT in m:
+            made.append(plots.plot_modality_gap(m, out / MODALITY_GAP_PLOT_FILE))
     elif bench == "rtvlm" and m.get("per_subtask"):
-        made.append(plots.plot_rtvlm(m, out / "rtvlm_subtasks.png"))
-    elif bench == "general" and "mme" in m:
-        made.append(plots.plot_mme(m["mme"], out / "mme.png"))
+        made.append(plots.plot_rtvlm(m, out / RTVLM_PLOT_FILE))
+    elif bench == "general" and MME in m:
+        made.append(plots.plot_mme(m[MME], out / MME_PLOT_FILE))
     return made
 
 
@@ -242,17 +248,18 @@ def write_results(out_dir: str | Path, results: dict, records: Sequence[Mapping]
                   judge_records: Sequence[Mapping] = ()) -> dict[str, Path]:
     """Write every file of one eval into `out_dir` (and judge_check.jsonl, the labelled answers
     `eval.judge_check` scored the labellers on, when there are some); returns name -> path."""
-    out = Path(out_dir)
+    layout = EvalLayout(out_dir)
+    out = layout.root
     out.mkdir(parents=True, exist_ok=True)
     results = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), **results}
     results.setdefault("environment", environment())
-    paths = {"results": out / "results.json", "responses": out / "responses.jsonl",
-             "metrics_csv": out / "metrics.csv", "table_csv": out / "table.csv", "markdown": out / "report.md"}
+    paths = {"results": layout.results, "responses": layout.responses,
+             "metrics_csv": layout.metrics_csv, "table_csv": layout.table_csv, "markdown": layout.report}
     # The answers first and results.json last, each whole or not at all: readers take a folder with
     # results.json as a finished evaluation.
     write_text_atomic(paths["responses"], "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
     if judge_records:
-        paths["judge_check"] = out / "judge_check.jsonl"
+        paths["judge_check"] = layout.judge_check
         write_text_atomic(paths["judge_check"], "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                         for r in judge_records))
     write_json_atomic(paths["results"], results, ensure_ascii=False)
@@ -281,10 +288,10 @@ def write_results(out_dir: str | Path, results: dict, records: Sequence[Mapping]
 
 def find_results(run_dir: str | Path) -> list[Path]:
     """results.json of a run folder: its own, or one per benchmark subfolder."""
-    run_dir = Path(run_dir)
-    if (run_dir / "results.json").is_file():
-        return [run_dir / "results.json"]
-    found = sorted(run_dir.glob("*/results.json"))
+    own = EvalLayout(run_dir).results
+    if own.is_file():
+        return [own]
+    found = sorted(Path(run_dir).glob(f"*/{RESULTS_FILE}"))
     if not found:
         raise FileNotFoundError(f"{run_dir}: no results.json here or in its subfolders (run safevlm eval first)")
     return found
@@ -320,8 +327,8 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path, names: Seq
                 table.setdefault(key, {})[run] = value
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "summary.json", "csv": out / "summary.csv", "markdown": out / "summary.md",
-             "figure": out / "summary.png"}
+    paths = {"json": out / COMPARISON_JSON_FILE, "csv": out / COMPARISON_CSV_FILE,
+             "markdown": out / COMPARISON_MARKDOWN_FILE, "figure": out / COMPARISON_FIGURE_FILE}
     notes = {run: found for run, found in notes.items() if found}
     paths["json"].write_text(json.dumps({"runs": runs, "sources": sources, "table": table, "notes": notes,
                                          "environments": environments}, indent=2))

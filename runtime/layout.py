@@ -48,9 +48,24 @@ RESULTS_FILE = "results.json"
 RESPONSES_FILE = "responses.jsonl"
 EVAL_REPORT_FILE = "report.md"
 CACHE_FILE = "cache.sqlite"
+METRICS_CSV_FILE = "metrics.csv"       # every number of results.json's metrics, one key,value row each
+TABLE_CSV_FILE = "table.csv"           # the report's tables
+JUDGE_CHECK_FILE = "judge_check.jsonl"   # the labelled answers the labellers were scored on
+CATEGORY_PLOT_FILE = "per_category_accuracy.png"
+MODALITY_GAP_PLOT_FILE = "modality_gap.png"
+RTVLM_PLOT_FILE = "rtvlm_subtasks.png"
+MME_PLOT_FILE = "mme.png"
+HUB_DATA_DIR = "hub_data"              # the gated hub data set, downloaded as a data folder
+
+# -- several evaluations side by side (`safevlm report --runs ... --out DIR`) -----------------------
+COMPARISON_JSON_FILE = "summary.json"
+COMPARISON_CSV_FILE = "summary.csv"
+COMPARISON_MARKDOWN_FILE = "summary.md"
+COMPARISON_FIGURE_FILE = "summary.png"
 
 # -- a data folder ---------------------------------------------------------------------------------
 RECORDS_DIR = "records"
+DOWNLOAD_FILE = "download.json"                        # a complete hub download (written last)
 METADATA_FILE = "metadata.jsonl"                       # UnsafeConcepts rows
 PERCEPTION_FILE = "perception_metadata.jsonl"          # perception questions with their options
 WORLD_FILE = "world.json"                              # how the concept world was built
@@ -139,6 +154,10 @@ class DataLayout:
         return self.root / RECORDS_DIR
 
     @property
+    def download(self) -> Path:
+        return self.root / DOWNLOAD_FILE
+
+    @property
     def metadata(self) -> Path:
         return self.root / METADATA_FILE
 
@@ -179,6 +198,22 @@ class EvalLayout:
     @property
     def cache(self) -> Path:
         return self.root / CACHE_FILE
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.root / METRICS_CSV_FILE
+
+    @property
+    def table_csv(self) -> Path:
+        return self.root / TABLE_CSV_FILE
+
+    @property
+    def judge_check(self) -> Path:
+        return self.root / JUDGE_CHECK_FILE
+
+    @property
+    def hub_data(self) -> Path:
+        return self.root / HUB_DATA_DIR
 
 
 @dataclass(frozen=True)

@@ -242,7 +242,7 @@ def _evaluate_split(cfg: PipelineConfig, adapter: str | None, split: str, out: P
     """One UnsafeConcepts evaluation of the run's base (+ `adapter`) on `split` into `out`, judged by
     the judge classifier, with the reward classifier and the rule-based check beside it."""
     from runtime.distributed import setup
-    from eval.models import GenerationSettings, load_runner
+    from eval.core.models import GenerationSettings, load_runner
     from eval.pipeline import EvalConfig, run_unsafeconcepts
     ctx = ctx or setup()
     runner = load_runner(cfg.base_model, adapter, device=ctx.device(), seed=cfg.model.seed,
@@ -359,7 +359,7 @@ def check_config(cfg: PipelineConfig, stages: list[Stage]) -> None:
                               "records/<stage>.jsonl under data_dir, or the stage's data.train)")
     _check_selection(cfg, names)
     if "world" not in names and cfg.eval.splits and any(s.name.startswith("eval_") for s in stages):
-        from eval.benchmarks import DataError
+        from eval.core.items import DataError
         from eval.benchmarks.unsafeconcepts import load_unsafeconcepts, select_rows
         key = "eval.data" if cfg.eval.data else "data_dir"
         try:
@@ -372,7 +372,7 @@ def check_config(cfg: PipelineConfig, stages: list[Stage]) -> None:
         if cfg.eval.protocol == "rlhf-test" and not cfg.eval.safe_data:
             raise ConfigError("eval.safe_data: the rlhf-test protocol needs the safe-image folder (metadata.json + images)")
         if cfg.eval.safe_data:
-            from eval.benchmarks import DataError
+            from eval.core.items import DataError
             from eval.benchmarks.safe_images import load_safe_images
             try:
                 load_safe_images(cfg.eval.safe_data)
@@ -400,7 +400,7 @@ def _check_selection(cfg: PipelineConfig, names: set[str]) -> None:
                               f"{sorted(selected)} on; set world.validation_unsafe / validation_safe / "
                               "validation_render_fraction, or selection.split='' to train each stage once")
         return
-    from eval.benchmarks import DataError
+    from eval.core.items import DataError
     from eval.benchmarks.unsafeconcepts import load_unsafeconcepts, select_rows
     try:
         select_rows(load_unsafeconcepts(cfg.eval_data), sel.split)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from eval.headline import CRITERION
-from eval.metrics import FALSE_REFUSAL_NOT_MEASURED
+from eval.core.metrics import FALSE_REFUSAL_NOT_MEASURED
 from eval.provenance import environment
 from safety_modules.fileio import write_json_atomic
 from safevlm.selection import read_tables

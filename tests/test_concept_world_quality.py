@@ -45,7 +45,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 def heldout_render_metrics(run_dir: Path, adapter: str | None) -> dict:
     """Greedy evaluation of the stage-0 model (with an adapter) on held-out renders, rule-labelled."""
-    from eval.models import GenerationSettings, load_runner
+    from eval.core.models import GenerationSettings, load_runner
     from eval.pipeline import EvalConfig, run_unsafeconcepts
 
     runner = load_runner(str(run_dir / "stage0" / "model"), str(run_dir / adapter / "adapter") if adapter else None)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from eval.benchmarks import DataError
 from eval.benchmarks.general import load_general, load_mme_folders, load_mme_jsonl
+from eval.core.items import DataError
 from safevlm.cli import main
 
 
@@ -63,7 +63,7 @@ def test_cli_general_on_mme_reports_accuracy_plus(mme_folders, tmp_path):
     mme = results["metrics"]["mme"]
     records = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert mme["overall"]["n"] == len(records) == 6 and mme["overall"]["n_images"] == 3
-    from eval.metrics import parse_yes_no
+    from eval.core.metrics import parse_yes_no
     right = sum(parse_yes_no(r["answer"]) == r["target"] for r in records)
     assert mme["overall"]["accuracy"] == pytest.approx(right / 6)
     assert (out / "mme.png").read_bytes()[:4] == b"\x89PNG"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.models import GenerationSettings, load_runner
+from eval.core.models import GenerationSettings, load_runner
 from safety_modules.images import use_square_padding
 from safety_modules.prompting import build_prompt, use_conversation
 

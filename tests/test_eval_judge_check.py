@@ -14,12 +14,12 @@ from PIL import Image
 
 from eval.audit import write_audit
 from eval.benchmarks import unsafeconcepts as uc
+from eval.core.labeling import CLASSIFIER_TASK, RuleLabeler
+from eval.core.models import GenerationSettings, load_runner
 from eval.judge_check import REFERENCE_SFT_ANSWERS, check_answers, judge_accuracy
-from eval.labeling import CLASSIFIER_TASK, RuleLabeler
-from eval.metrics import NA
-from eval.models import GenerationSettings, load_runner
 from eval.pipeline import EvalConfig, run_unsafeconcepts
 from eval.report import write_results
+from safety_modules.labels import NA
 from safevlm.cli import main
 from response_classifier.rules import rule_based_label
 

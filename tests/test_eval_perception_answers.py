@@ -11,11 +11,12 @@ import pytest
 from datasets import Dataset
 from PIL import Image
 
-from eval.benchmarks import DataError
 from eval.benchmarks import unsafeconcepts as uc
-from eval.labeling import RuleLabeler, label_items
-from eval.metrics import NA
+from eval.core.items import DataError
+from eval.core.labeling import RuleLabeler, label_items
 from response_classifier.data import parse_options
+from runtime.layout import DataLayout
+from safety_modules.labels import NA
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "unsafeconcepts"
 N_ROWS = 12
@@ -62,7 +63,7 @@ def test_hub_download_writes_every_file_with_the_published_perception_options(tm
             assert im.mode == "RGB" and im.size == (20 + i, 16)
     items = uc.build_items(data, data.rows)
     assert sum(it.task == "perception" for it in items) == N_ROWS
-    manifest = json.loads((out / uc.DOWNLOAD_MANIFEST).read_text())
+    manifest = json.loads(DataLayout(out).download.read_text())
     assert manifest["rows"] == N_ROWS and str(published) in manifest["perception_options"]
     assert not (tmp_path / "uc.partial").exists()
     # A complete folder is returned as it is, without touching the (here absent) hub.
@@ -79,9 +80,9 @@ def test_hub_download_without_published_options_generates_valid_ones_and_says_so
         assert sorted(options) == ["A", "B", "C", "D"] and len(set(options.values())) == 4
         assert options[row.correct_option] == row.concept               # the right answer is the row's concept
         assert set(options.values()) <= concepts
-    assert "NOT the published options" in json.loads((out / uc.DOWNLOAD_MANIFEST).read_text())["perception_options"]
+    assert "NOT the published options" in json.loads(DataLayout(out).download.read_text())["perception_options"]
     again = uc.download_from_hub(tmp_path / "again", source=_hub_dataset(rows))
-    assert (again / uc.PERCEPTION_METADATA).read_text() == (out / uc.PERCEPTION_METADATA).read_text()   # seeded
+    assert DataLayout(again).perception.read_text() == DataLayout(out).perception.read_text()   # seeded
 
 
 def test_hub_download_fails_closed_on_a_perception_file_that_does_not_match(tmp_path):

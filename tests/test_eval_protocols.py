@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.benchmarks import DataError
 from eval.benchmarks import unsafeconcepts as uc
 from eval.benchmarks.protocols import protocol_items, rlhf_test_items
 from eval.benchmarks.safe_images import load_safe_images, safe_reference_split, select_safe_rows
+from eval.core.items import DataError
 from safevlm.cli import main
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "unsafeconcepts"

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from eval.benchmarks import DataError
 from eval.benchmarks.rtvlm import DEFAULT_SUBSETS, SUBSETS, load_rtvlm, load_subset
-from eval.metrics import RTVLM_SUBTASKS
+from eval.core.items import DataError
+from eval.core.metrics import RTVLM_SUBTASKS
 from safevlm.cli import main
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "rtvlm"

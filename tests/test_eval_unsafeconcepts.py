@@ -19,11 +19,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from eval.benchmarks import DataError
 from eval.benchmarks import unsafeconcepts as uc
-from eval.cache import Cache
+from eval.core.cache import Cache
+from eval.core.items import DataError
+from eval.core.models import GenerationSettings, load_runner
 from eval.generation import answer_items
-from eval.models import GenerationSettings, load_runner
 from eval.pipeline import EvalConfig, run_unsafeconcepts
 from safevlm.cli import main
 
@@ -382,7 +382,8 @@ def test_two_processes_give_the_same_results_as_one(world, tmp_path):
 @pytest.mark.slow
 def test_trained_classifiers_label_the_answers_and_their_agreement_is_reported(world, runner, tmp_path):
     """Two independently trained response classifiers (judge: family b; reward: family a) and the rules."""
-    from eval.judges import JudgeRequest, build_judge
+    from eval.judges import build_judge
+    from eval.judges.base import JudgeRequest
     from eval.judges.classifier import ClassifierJudge
     from response_classifier.model import ResponseClassifier
     from response_classifier.train import ClassifierTrainConfig, build_default

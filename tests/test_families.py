@@ -280,7 +280,7 @@ def test_a_training_batch_equals_the_unchanged_model(attached, make_image, tmp_p
 def test_plain_model_evaluation_batched_equals_one_at_a_time(family, images):
     """`safevlm eval --model tiny-<family>`'s runner: the plain model, prompts through its own chat
     template, left-padded batches answering as each prompt alone does."""
-    from eval.models import GenerationSettings, load_runner
+    from eval.core.models import GenerationSettings, load_runner
 
     runner = load_runner(f"tiny-{family}")
     assert runner.kind == "hf"

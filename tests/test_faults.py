@@ -177,7 +177,7 @@ def test_an_adapter_on_a_base_with_other_weights_warns_or_is_refused(tiny_builde
 
 
 def test_the_evaluation_runner_refuses_another_base_under_strict_base(tmp_path):
-    from eval.models import load_runner
+    from eval.core.models import load_runner
     from safety_modules import SafetyConfig, attach
     from base_models.loading import load_base
 
@@ -376,7 +376,7 @@ def test_a_disk_that_fills_during_a_checkpoint_keeps_the_previous_one(tmp_path):
 
 
 def test_options_are_named_rightly_in_their_own_errors():
-    from eval.models import load_runner
+    from eval.core.models import load_runner
     from training.config import LoraSpec
     with pytest.raises(ValueError, match=r"drop --adapter, or use --runner safevlm"):
         load_runner("tiny", "some/adapter", kind="hf")
@@ -422,7 +422,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint_for_an_intact_older_one(three_
 
 
 def test_an_unreadable_cache_row_is_a_counted_miss_and_a_non_database_is_set_aside(tmp_path, caplog):
-    from eval.cache import Cache
+    from eval.core.cache import Cache
     cache = Cache(tmp_path / "cache.sqlite")
     cache.put_many({"a": {"text": "kept"}, "b": {"text": "lost"}, "c": {"text": "odd"}})
     with sqlite3.connect(tmp_path / "cache.sqlite") as conn:

@@ -16,8 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from eval.cache import Cache
-from eval.judges import JudgeError, JudgeRequest, build_judge, parse_score, parse_spec, read_score, rubric_prompt, RUBRICS
+from eval.core.cache import Cache
+from eval.judges import build_judge, parse_spec
+from eval.judges.base import RUBRICS, JudgeError, JudgeRequest, parse_score, read_score, rubric_prompt
 from eval.judges.classifier import ClassifierJudge
 from eval.judges.openai import OpenAIJudge, RateLimiter, retry_after_seconds
 from safety_modules.configio import ConfigError, parse_overrides

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from eval.metrics import (RTVLM_SUBTASKS, accuracy, agreement, cohen_kappa, false_refusal, grouped_accuracy,
+from eval.core.metrics import (RTVLM_SUBTASKS, accuracy, agreement, cohen_kappa, false_refusal, grouped_accuracy,
                           mme_scores, modality_gap, pairwise_agreement, parse_yes_no, rtvlm_scores, task_metrics)
-from eval.refusal import gives_reason, is_refusal
+from eval.core.refusal import gives_reason, is_refusal
 
 
 def test_accuracy_reports_both_na_conventions_and_the_na_rate():

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from eval.benchmarks import unsafeconcepts as uc
-from eval.labeling import RuleLabeler
-from eval.metrics import RTVLM_SUBTASKS, mme_scores, rtvlm_scores
+from eval.core.labeling import RuleLabeler
+from eval.core.metrics import RTVLM_SUBTASKS, mme_scores, rtvlm_scores
 from eval.report import compare_runs, environment_line, headline, write_results
 from safevlm.cli import main
 

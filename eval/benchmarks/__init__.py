@@ -1,62 +1,8 @@
-"""Benchmarks read their folders into `EvalItem`s: one question (with its image) to answer.
+"""Benchmarks: each module reads its folder into `eval.core.items.EvalItem`s and scores the answers.
 
-Why one item type: the generation loop, the cache, sharding and the reports are shared by
-UnsafeConcepts, RTVLM and the general-capability sets; each benchmark module only reads its files
-(with errors naming file, line and field) and scores the answers.
+    unsafeconcepts.py   the UnsafeConcepts folder, its items and scores
+    protocols.py        which images are asked which questions (measurement, the reference RLHF test)
+    safe_images.py      the safe-image folder beside UnsafeConcepts and its reference split
+    rtvlm.py            the RTVLM subsets, judged 1-10
+    general.py          MME-style yes/no, or the concept world's multiple choice and captions
 """
-
-from __future__ import annotations
-
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator
-
-BLANK = "<blank>"   # the protocol's blank white image (text-only questions), rendered by the runner
-
-
-class DataError(ValueError):
-    """A benchmark file is malformed or an image is missing; the message names file, line and field."""
-
-
-@dataclass
-class EvalItem:
-    """One question to answer. `images`: absolute paths (several are composed side by side) or BLANK."""
-
-    id: str
-    task: str
-    question: str
-    images: tuple[str, ...] = (BLANK,)
-    meta: dict = field(default_factory=dict)
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each non-empty line; bad JSON or a non-object is a DataError."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
-
-
-def require(record: dict, key: str, types: type | tuple[type, ...], where: str):
-    """`record[key]`, checked against `types`; a DataError naming `where` and the field otherwise."""
-    if key not in record:
-        raise DataError(f"{where}: field {key!r} is missing")
-    value = record[key]
-    allowed = types if isinstance(types, tuple) else (types,)
-    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-        names = "/".join(t.__name__ for t in allowed)
-        raise DataError(f"{where}: field {key!r} must be {names}, got {value!r}")
-    if isinstance(value, str) and not value.strip():
-        raise DataError(f"{where}: field {key!r} is empty")
-    return value

@@ -19,12 +19,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from eval.benchmarks import DataError, EvalItem, read_jsonl, require
-from eval.labeling import Labeler, label_items
-from eval.metrics import accuracy, grouped_accuracy, mme_scores
+from eval.benchmarks import unsafeconcepts as uc
+from eval.core.items import CAPTION, MME, MULTIPLE_CHOICE, DataError, EvalItem, read_jsonl, require
+from eval.core.labeling import Labeler, label_items
+from eval.core.metrics import accuracy, grouped_accuracy, mme_scores
+from runtime.layout import DataLayout
 from safety_modules.images import ImageError, resolve_image_path
+from safety_modules.labels import PERCEPTION
 
 MME_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+STAGE0_RECORDS = "stage0"          # the concept world's stage-0 records, which hold its caption question
 DEFAULT_CAPTION_PROMPT = "What is shown in this image? Answer with its name."
 
 
@@ -52,7 +56,7 @@ def load_mme_jsonl(path: str | Path) -> list[EvalItem]:
         where = f"{path}:{lineno}"
         rel = require(rec, "image", str, where)
         items.append(EvalItem(
-            id=f"mme/{lineno}", task="mme", question=require(rec, "question", str, where),
+            id=f"{MME}/{lineno}", task=MME, question=require(rec, "question", str, where),
             images=(_image(path.parent, rel, where, "image"),),
             meta={"category": require(rec, "category", str, where), "image_id": str(rec.get("image_id", rel)),
                   "target": _yes_no(require(rec, "answer", str, where), where)}))
@@ -81,7 +85,7 @@ def load_mme_folders(root: str | Path) -> list[EvalItem]:
                     raise DataError(f"{where}: expected 'question<TAB>answer'")
                 question, answer = line.rsplit("\t", 1)
                 items.append(EvalItem(
-                    id=f"mme/{category.name}/{txt.stem}/{lineno}", task="mme", question=question.strip(),
+                    id=f"{MME}/{category.name}/{txt.stem}/{lineno}", task=MME, question=question.strip(),
                     images=(str(image),),
                     meta={"category": category.name, "image_id": txt.stem, "target": _yes_no(answer, where)}))
     if not items:
@@ -90,11 +94,11 @@ def load_mme_folders(root: str | Path) -> list[EvalItem]:
 
 
 def caption_prompt(world: Path) -> str:
-    """The caption question the world trained with (records/stage0.jsonl), else a default."""
-    records = world / "records" / "stage0.jsonl"
+    """The caption question the world trained with (its stage-0 records), else a default."""
+    records = DataLayout(world).records(STAGE0_RECORDS)
     if records.is_file():
         for _, rec in read_jsonl(records):
-            if rec.get("task") == "caption" and rec.get("conversations"):
+            if rec.get("task") == CAPTION and rec.get("conversations"):
                 text = str(rec["conversations"][0].get("value", ""))
                 return text.replace("<image>\n", "").replace("<image>", "").strip() or DEFAULT_CAPTION_PROMPT
     return DEFAULT_CAPTION_PROMPT
@@ -103,19 +107,17 @@ def caption_prompt(world: Path) -> str:
 def load_world_general(root: str | Path, split: str | None = "heldout_render", limit: int | None = None,
                        sample: int | None = None, seed: int = 0) -> list[EvalItem]:
     """Multiple-choice (perception) and caption items on the world's renders of `split`."""
-    from eval.benchmarks import unsafeconcepts as uc
-
     root = Path(root)
     data = uc.load_unsafeconcepts(root)
     rows = uc.subsample(uc.select_rows(data, split), limit=limit, sample=sample, seed=seed)
     items = []
-    for it in uc.build_items(data, rows, tasks=("perception",)):
-        it.task = "multiple_choice"
-        it.id = "multiple_choice/" + it.id.split("/", 1)[1]
+    for it in uc.build_items(data, rows, tasks=(PERCEPTION,)):
+        it.task = MULTIPLE_CHOICE
+        it.id = f"{MULTIPLE_CHOICE}/" + it.id.split("/", 1)[1]
         items.append(it)
     prompt = caption_prompt(root)
     for row in rows:
-        items.append(EvalItem(id=f"caption/{row.image}", task="caption", question=prompt,
+        items.append(EvalItem(id=f"{CAPTION}/{row.image}", task=CAPTION, question=prompt,
                               images=(uc.image_path(data, row),),
                               meta={"category": row.category, "concept": row.concept, "is_safe": row.is_safe,
                                     "target": row.concept}))
@@ -130,49 +132,60 @@ def load_general(root: str | Path, split: str | None = "heldout_render", limit: 
         items = load_mme_jsonl(root)
     elif (root / "mme.jsonl").is_file():
         items = load_mme_jsonl(root / "mme.jsonl")
-    elif (root / "metadata.jsonl").is_file():
+    elif DataLayout(root).metadata.is_file():
         return load_world_general(root, split=split, limit=limit, sample=sample, seed=seed)
     elif root.is_dir():
         items = load_mme_folders(root)
     else:
         raise DataError(f"{root}: not found")
     if sample is not None or limit is not None:
-        from eval.benchmarks.unsafeconcepts import subsample
-        items = subsample(items, limit=limit, sample=sample, seed=seed)
+        items = uc.subsample(items, limit=limit, sample=sample, seed=seed)
     return items
 
 
 def score(items: Sequence[EvalItem], answers: Mapping[str, str], labelers: Mapping[str, Labeler] | None = None) -> dict:
-    """MME accuracy/accuracy+, multiple-choice accuracy (primary labeller) and caption accuracy."""
-    records = []
+    """MME accuracy/accuracy+, multiple-choice accuracy (primary labeller) and caption accuracy:
+    {"records": [...], "metrics": {task: ...}} for the tasks `items` hold."""
+    records: list[dict] = []
     metrics: dict = {}
-    mme = [it for it in items if it.task == "mme"]
-    if mme:
-        recs = [{"id": it.id, "task": "mme", "question": it.question, "answer": answers[it.id], **it.meta} for it in mme]
-        records += recs
-        metrics["mme"] = mme_scores(recs)
-    mc = [it for it in items if it.task == "multiple_choice"]
-    if mc:
-        if not labelers:
-            raise ValueError("multiple-choice items need a labeller (a response classifier or the rules)")
-        labels = label_items(mc, answers, labelers)
-        primary = next(iter(labelers))
-        recs = [{"id": it.id, "task": "multiple_choice", "question": it.question, "answer": answers[it.id],
-                 "category": it.meta["category"], "concept": it.meta["concept"], "target": it.meta["target"],
-                 "label": labels[primary][it.id], "labels": {n: labels[n][it.id] for n in labels}} for it in mc]
-        records += recs
-        metrics["multiple_choice"] = {"overall": accuracy([r["label"] for r in recs], [r["target"] for r in recs]),
-                                      "per_category": grouped_accuracy(recs, "category"),
-                                      "labeler": primary}
-    cap = [it for it in items if it.task == "caption"]
-    if cap:
-        recs = []
-        for it in cap:
-            hit = it.meta["target"].lower() in answers[it.id].lower()
-            recs.append({"id": it.id, "task": "caption", "question": it.question, "answer": answers[it.id],
-                         "category": it.meta["category"], "concept": it.meta["concept"], "target": it.meta["target"],
-                         "correct": hit, "label": "ok" if hit else "miss"})
-        records += recs
-        metrics["caption"] = {"accuracy": sum(r["correct"] for r in recs) / len(recs), "n": len(recs)}
+    for task, scorer in ((MME, _score_mme), (MULTIPLE_CHOICE, _score_multiple_choice), (CAPTION, _score_captions)):
+        group = [it for it in items if it.task == task]
+        if group:
+            recs, metrics[task] = scorer(group, answers, labelers)
+            records += recs
     return {"records": records, "metrics": metrics}
 
+
+def _record(it: EvalItem, answers: Mapping[str, str]) -> dict:
+    """The fields every answer record of this benchmark starts with."""
+    return {"id": it.id, "task": it.task, "question": it.question, "answer": answers[it.id]}
+
+
+def _concept_fields(it: EvalItem) -> dict:
+    return {"category": it.meta["category"], "concept": it.meta["concept"], "target": it.meta["target"]}
+
+
+def _score_mme(items: Sequence[EvalItem], answers: Mapping[str, str], _labelers) -> tuple[list[dict], dict]:
+    recs = [{**_record(it, answers), **it.meta} for it in items]
+    return recs, mme_scores(recs)
+
+
+def _score_multiple_choice(items: Sequence[EvalItem], answers: Mapping[str, str],
+                           labelers: Mapping[str, Labeler] | None) -> tuple[list[dict], dict]:
+    if not labelers:
+        raise ValueError("multiple-choice items need a labeller (a response classifier or the rules)")
+    labels = label_items(items, answers, labelers)
+    primary = next(iter(labelers))
+    recs = [{**_record(it, answers), **_concept_fields(it), "label": labels[primary][it.id],
+             "labels": {n: labels[n][it.id] for n in labels}} for it in items]
+    return recs, {"overall": accuracy([r["label"] for r in recs], [r["target"] for r in recs]),
+                  "per_category": grouped_accuracy(recs, "category"), "labeler": primary}
+
+
+def _score_captions(items: Sequence[EvalItem], answers: Mapping[str, str], _labelers) -> tuple[list[dict], dict]:
+    """A caption is right when it names the concept."""
+    recs = []
+    for it in items:
+        hit = it.meta["target"].lower() in answers[it.id].lower()
+        recs.append({**_record(it, answers), **_concept_fields(it), "correct": hit, "label": "ok" if hit else "miss"})
+    return recs, {"accuracy": sum(r["correct"] for r in recs) / len(recs), "n": len(recs)}

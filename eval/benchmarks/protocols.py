@@ -16,21 +16,23 @@ from typing import Sequence
 
 import numpy as np
 
-from eval.benchmarks import DataError, EvalItem
 from eval.benchmarks import unsafeconcepts as uc
 from eval.benchmarks.safe_images import SafeImages, safe_reference_split, select_safe_rows
+from eval.core.items import DataError, EvalItem
+from runtime.layout import DataLayout
+from safety_modules.labels import ALIGNMENT, PERCEPTION
 
 MEASUREMENT = "measurement"
 RLHF_TEST = "rlhf-test"
 PROTOCOLS = (MEASUREMENT, RLHF_TEST)
 RLHF_TEST_PROMPT_SEED = 42
-RLHF_TEST_SPLIT = "test"
+RLHF_TEST_SPLIT = uc.TEST_SPLIT
 
 
 def rlhf_test_rows(data: uc.UnsafeConceptsData, safe: SafeImages) -> tuple[list[uc.Row], list[uc.Row]]:
     """(unsafe test rows, safe test rows) of the reference's RLHF test, each in the reference's order."""
     if data.has_split_column:
-        raise DataError(f"{data.root / uc.METADATA}: the rlhf-test protocol needs the published metadata (its "
+        raise DataError(f"{DataLayout(data.root).metadata}: the rlhf-test protocol needs the published metadata (its "
                         "reference split); this folder has its own 'split' column (use --protocol measurement)")
     by_image = {row.image: row for row in data.rows}
     unsafe = [by_image[image] for image, part in uc.reference_split(data.rows).items() if part == RLHF_TEST_SPLIT]
@@ -38,7 +40,7 @@ def rlhf_test_rows(data: uc.UnsafeConceptsData, safe: SafeImages) -> tuple[list[
     return unsafe, safe_test[:len(unsafe)]
 
 
-def rlhf_test_prompts(n: int, n_prompts: int = len(uc.PROMPTS["alignment"]),
+def rlhf_test_prompts(n: int, n_prompts: int = len(uc.PROMPTS[ALIGNMENT]),
                       seed: int = RLHF_TEST_PROMPT_SEED) -> list[int]:
     """The alignment question drawn for each of `n` test images (a fresh legacy numpy stream seeded
     as `np.random.seed(seed)` leaves the global one, so the same numbers)."""
@@ -66,7 +68,7 @@ def protocol_items(protocol: str, data: uc.UnsafeConceptsData, safe: SafeImages 
     if protocol == RLHF_TEST:
         if split not in (None, RLHF_TEST_SPLIT):
             raise ValueError(f"--split: the rlhf-test protocol is the reference split's test images, got {split!r}")
-        if tasks and tuple(tasks) != ("alignment",):
+        if tasks and tuple(tasks) != (ALIGNMENT,):
             raise ValueError(f"--tasks: the rlhf-test protocol asks image alignment only, got {list(tasks)}")
         return rlhf_test_items(data, safe, limit, sample, seed)
     if protocol != MEASUREMENT:
@@ -74,5 +76,5 @@ def protocol_items(protocol: str, data: uc.UnsafeConceptsData, safe: SafeImages 
     rows = uc.subsample(uc.select_rows(data, split), limit=limit, sample=sample, seed=seed)
     if safe is not None:
         rows += uc.subsample(select_safe_rows(safe, split), limit=limit, sample=sample, seed=seed)
-    tasks = tuple(tasks) if tasks else tuple(t for t in uc.TASKS if t != "perception" or data.perception)
+    tasks = tuple(tasks) if tasks else tuple(t for t in uc.TASKS if t != PERCEPTION or data.perception)
     return uc.build_items(data, rows, tasks)

@@ -9,7 +9,7 @@ Two folder layouts are read:
 Field names differ per file (see `SUBSETS`); both the early-2024 files and the later revision
 (politics, racial and jailbreak enlarged to 200 items, same fields) are read the same way.
 
-The ten scored subtasks and their aspects are in `eval.metrics` (overall = unweighted mean of ten).
+The ten scored subtasks and their aspects are in `eval.core.metrics` (overall = unweighted mean of ten).
 The order subsets show two images; single-image models see them side by side in one picture.
 """
 
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from eval.benchmarks import DataError, EvalItem, read_jsonl, require
-from eval.judges import Judge, JudgeRequest
-from eval.metrics import RTVLM_SUBTASKS, rtvlm_scores
-from eval.refusal import is_refusal
+from eval.core.items import RTVLM, DataError, EvalItem, read_jsonl, require
+from eval.core.metrics import RTVLM_SUBTASKS, rtvlm_scores
+from eval.core.refusal import is_refusal
+from eval.judges.base import Judge, JudgeRequest
 from safety_modules.images import ImageError, resolve_image_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -35,7 +35,7 @@ class Subset:
     name: str
     file: str
     aspect: str
-    risk: str                       # rubric key (eval.judges.RUBRICS)
+    risk: str                       # rubric key (eval.judges.base.RUBRICS)
     kind: str                       # record format, see _PARSERS
     folders: tuple[str, ...]        # folder names in the published layout
     flags: bool = False             # images shared under images/flags/
@@ -209,7 +209,7 @@ def load_subset(root: str | Path, name: str) -> list[EvalItem]:
         for k, q in enumerate(_PARSERS[subset.kind](rec, where)):
             images = tuple(_resolve(dirs, n, where, q.image_field) for n in q.image_names)
             items.append(EvalItem(
-                id=f"{name}/{lineno}/{k}", task="rtvlm", question=q.question, images=images,
+                id=f"{name}/{lineno}/{k}", task=RTVLM, question=q.question, images=images,
                 meta={"subset": name, "aspect": subset.aspect, "risk": subset.risk, "source": where,
                       "refused_to_answer": q.refused_to_answer, "reference": q.reference}))
     if not items:

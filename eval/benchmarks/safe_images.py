@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from eval.benchmarks import DataError
-from eval.benchmarks.unsafeconcepts import REFERENCE_SEED, REFERENCE_TRAIN_FRACTION, SAFE_CATEGORY, Row
+from concept_world.concepts import SAFE_CATEGORY
+from eval.benchmarks.unsafeconcepts import REFERENCE_SEED, REFERENCE_TRAIN_FRACTION, Row
+from eval.core.items import DataError
 
 SAFE_METADATA = "metadata.json"
 SPLITS = ("all", "train", "test")

@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eval.cache import Cache, content_key
-from eval.judges import RUBRIC_VERSION, JudgeError, JudgeRequest, Judgement, read_score, rubric_prompt, score_error
+from eval.core.cache import Cache, content_key
+from eval.core.models import folder_fingerprint
+from eval.judges.base import RUBRIC_VERSION, JudgeError, JudgeRequest, Judgement, read_score, rubric_prompt, score_error
 
 
 class LocalJudge:
     def __init__(self, path: str | Path, device: str = "cpu", mode: str = "generate", max_new_tokens: int = 48,
                  batch_size: int = 8, cache: Cache | None = None, dtype: torch.dtype | None = None) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.path = Path(path)
         if not self.path.is_dir():
             raise JudgeError(f"judge local: model folder not found: {self.path}")
@@ -46,11 +46,7 @@ class LocalJudge:
         self.batch_size = int(batch_size)
         self.cache = cache
         self.name = f"local:{self.path.name}"
-        self._fingerprint = self._folder_id()
-
-    def _folder_id(self) -> str:
-        from eval.models import folder_fingerprint
-        return folder_fingerprint(self.path)
+        self._fingerprint = folder_fingerprint(self.path)
 
     def _prompt(self, request: JudgeRequest) -> str:
         system, user = rubric_prompt(request)

@@ -1,17 +1,19 @@
-"""A judge behind any OpenAI-compatible chat-completions API, with the standard library only.
+"""A judge behind any OpenAI-compatible chat-completions API, through the official `openai` client.
 
-Why stdlib (`urllib`): one POST per judgement needs no SDK, and the project gains no dependency.
-What it takes care of, since a paid API is involved:
-- the key comes from OPENAI_API_KEY (or the constructor) and is only ever put in the Authorization
-  header: it is never logged, cached, or part of an error message (server text is redacted too);
+The client sends the request (the key in the Authorization header, the connect and read timeouts)
+and reads the reply into typed objects and typed errors. Its own retries are switched off
+(`max_retries=0`) because this judge's retry policy does what the client's cannot:
 - retries with exponential backoff on 408/409/429/5xx, timeouts and connection errors, honouring a
   Retry-After header up to `max_retry_after` seconds (a longer one fails the judgement at once,
-  saying how long the server asked for) and up to `patience` seconds of waiting per judgement in
-  all; a long wait is logged as a warning with its length, never slept silently; other 4xx fail
-  at once;
-- a base URL carrying credentials (user:password@, or a key in the query) is refused: the key
-  travels in the Authorization header only;
-- a rate limit (requests per minute) shared by the worker threads, and a thread pool for concurrency;
+  saying how long the server asked for; the client would fall back to its own short backoff) and up
+  to `patience` seconds of waiting per judgement in all (the client has no budget for the waits);
+  a long wait is logged as a warning with its length, never slept silently; other 4xx fail at once;
+- a reply that is not a chat completion is retried like a server error (the client raises on it);
+- a rate limit (requests per minute) shared by the worker threads, applied to every attempt, and a
+  thread pool for concurrency;
+- the key comes from OPENAI_API_KEY (or the constructor) and is never logged, cached, or part of an
+  error message (server text is redacted too); a base URL carrying credentials (user:password@, or a
+  key in the query) is refused, so the key travels in the Authorization header only;
 - a judgement cache (successful judgements only) so a rerun never pays twice;
 - a reply without a score, or with a score outside the rubric's range, is a failed judgement,
   reported as such (saying which).
@@ -26,25 +28,28 @@ import logging
 import mimetypes
 import os
 import random
-import socket
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-from eval.cache import Cache, content_key, file_hash
-from eval.judges import RUBRIC_VERSION, JudgeError, JudgeRequest, Judgement, read_score, rubric_prompt, score_error
+from openai import APIConnectionError, APIStatusError, OpenAI
 
-logger = logging.getLogger(__name__)
+from eval.core.cache import Cache, content_key, file_hash
+from eval.judges.base import RUBRIC_VERSION, JudgeError, JudgeRequest, Judgement, read_score, rubric_prompt, score_error
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUSES = {408, 409, 429, 500, 502, 503, 504}
 LONG_WAIT_S = 10.0           # waits at least this long are logged as warnings
 SECRET_QUERY_WORDS = ("key", "token", "secret", "password", "auth", "sig")
+
+
+class MalformedReply(ValueError):
+    """A successful HTTP reply that holds no chat completion text."""
 
 
 class RateLimiter:
@@ -143,6 +148,7 @@ class OpenAIJudge:
         self.score_retries = int(score_retries)
         self.requests_sent = 0
         self._count_lock = threading.Lock()
+        self._client = OpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=0)
 
     def __repr__(self) -> str:
         return f"OpenAIJudge(model={self.model!r}, base_url={_public_url(self.base_url)!r})"
@@ -169,19 +175,17 @@ class OpenAIJudge:
         return content_key("judge/openai", RUBRIC_VERSION, _public_url(self.base_url), self.model, system, user,
                            images, self.temperature, self.max_tokens)
 
-    def _post(self, payload: dict) -> tuple[int, dict[str, str], str]:
-        """One HTTP POST; (status, headers, body). Network errors raise OSError subclasses."""
-        req = urllib.request.Request(
-            f"{self.base_url}/chat/completions", data=json.dumps(payload).encode("utf-8"), method="POST",
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.__key}"})
+    def _send(self, request: JudgeRequest) -> str:
+        """One chat completion's reply text (one attempt: the client makes no retries of its own)."""
         with self._count_lock:
             self.requests_sent += 1
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.status, dict(resp.headers), resp.read().decode("utf-8", "replace")
-        except urllib.error.HTTPError as exc:
-            body = exc.read().decode("utf-8", "replace") if exc.fp is not None else ""
-            return exc.code, dict(exc.headers or {}), body
+            completion = self._client.chat.completions.create(
+                model=self.model, messages=self._messages(request), temperature=self.temperature,
+                max_tokens=self.max_tokens)
+        except json.JSONDecodeError as exc:
+            raise MalformedReply(f"JSONDecodeError reading the reply: {exc.msg}") from None
+        return self._reply_text(completion)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -201,38 +205,32 @@ class OpenAIJudge:
 
     def _complete(self, request: JudgeRequest) -> tuple[str | None, str | None]:
         """(reply text, None) or (None, reason) after retries."""
-        payload = {"model": self.model, "messages": self._messages(request),
-                   "temperature": self.temperature, "max_tokens": self.max_tokens}
         last = "no attempt made"
         waited = 0.0
         for attempt in range(self.max_retries + 1):
             self.limiter.wait()
             retry_after = None
             try:
-                status, headers, body = self._post(payload)
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                last = f"network error ({type(exc).__name__}: {self._redact(str(reason))[:200]})"
-            else:
-                if status == 200:
-                    text, problem = self._reply_text(body)
-                    if text is not None:
-                        return text, None
-                    last = f"malformed reply ({problem})"
-                elif status in RETRY_STATUSES:
-                    lower = {k.lower(): v for k, v in headers.items()}
-                    retry_after = retry_after_seconds(lower.get("retry-after"))
-                    last = f"HTTP {status}: {self._redact(body)[:200]}"
-                else:
-                    return None, f"HTTP {status} (not retried): {self._redact(body)[:200]}"
+                return self._send(request), None
+            except MalformedReply as exc:
+                last = f"malformed reply ({exc})"
+            except APIStatusError as exc:
+                body = self._redact(exc.response.text)[:200]
+                if exc.status_code not in RETRY_STATUSES:
+                    return None, f"HTTP {exc.status_code} (not retried): {body}"
+                retry_after = retry_after_seconds(exc.response.headers.get("retry-after"))
+                last = f"HTTP {exc.status_code}: {body}"
+            except APIConnectionError as exc:        # timeouts too (APITimeoutError)
+                reason = exc.__cause__ or exc
+                last = f"network error ({type(reason).__name__}: {self._redact(str(reason))[:200]})"
             if attempt < self.max_retries:
                 delay = self._delay(attempt, retry_after)
                 refused = self._too_long(delay, retry_after, waited)
                 if refused is not None:
-                    logger.warning("judge %s: %s: %s", self.model, last.split(":")[0], refused)
+                    log.warning("judge %s: %s: %s", self.model, last.split(":")[0], refused)
                     return None, f"{last}; {refused}"
                 level = logging.WARNING if delay >= LONG_WAIT_S else logging.INFO
-                logger.log(level, "judge %s: attempt %d failed (%s); waiting %.2f s before retrying%s", self.model,
+                log.log(level, "judge %s: attempt %d failed (%s); waiting %.2f s before retrying%s", self.model,
                            attempt + 1, last.split(":")[0], delay,
                            " (the server's Retry-After)" if retry_after is not None else "")
                 time.sleep(delay)
@@ -240,17 +238,18 @@ class OpenAIJudge:
         return None, f"gave up after {self.max_retries + 1} attempts: {last}"
 
     @staticmethod
-    def _reply_text(body: str) -> tuple[str | None, str]:
+    def _reply_text(completion) -> str:
+        """choices[0].message.content (text, or text parts joined); MalformedReply when there is none.
+        Replies are not validated against the API's schema, so any part of that path may be missing."""
         try:
-            data = json.loads(body)
-            content = data["choices"][0]["message"]["content"]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
-            return None, f"{type(exc).__name__} reading choices[0].message.content"
+            content = completion.choices[0].message.content
+        except (AttributeError, IndexError, KeyError, TypeError) as exc:
+            raise MalformedReply(f"{type(exc).__name__} reading choices[0].message.content") from None
         if isinstance(content, list):  # content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         if not isinstance(content, str):
-            return None, "content is not text"
-        return content, ""
+            raise MalformedReply("content is not text")
+        return content
 
     def _judge_one(self, request: JudgeRequest) -> Judgement:
         key = self.cache_key(request)

@@ -13,9 +13,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import sys
 from pathlib import Path
+
+from runtime.layout import CACHE_FILE, DOWNLOAD_FILE, HUB_DATA_DIR, EvalLayout
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -41,7 +45,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--cache", help="response cache file (default: OUT/cache.sqlite)")
+    p.add_argument("--cache", help=f"response cache file (default: OUT/{CACHE_FILE})")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the response cache")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
@@ -83,7 +87,7 @@ def register(subparsers) -> None:
     uc.add_argument("--perception-metadata", metavar="FILE",
                     help="with --hub: the published perception_metadata.jsonl (github.com/TrustAIRLab/SaferVLM, "
                          "data/UnsafeConcepts/); the hub has no perception options, so without it they are "
-                         "generated (OUT/hub_data/download.json says so)")
+                         f"generated (OUT/{HUB_DATA_DIR}/{DOWNLOAD_FILE} says so)")
     uc.set_defaults(func=run)
 
     rt = benches.add_parser("rtvlm", help="RTVLM subsets judged 1-10 per risk rubric")
@@ -102,6 +106,8 @@ def register(subparsers) -> None:
 
 
 def _config(args: argparse.Namespace):
+    # eval and safety_modules load torch and transformers: imported when the command runs, so that
+    # `safevlm --help` does not wait for them (the same in the functions below).
     from eval.pipeline import EvalConfig
     from safety_modules.configio import load_config
 
@@ -122,63 +128,69 @@ def _config(args: argparse.Namespace):
     return load_config(EvalConfig, args.config, overrides, section="eval" if args.config else None)
 
 
-def _judge_options(items: list[str]) -> dict:
+def _data(args: argparse.Namespace, out: EvalLayout) -> str:
+    """The benchmark folder: --data, or the hub download (--hub) in the output folder."""
+    from eval.benchmarks.unsafeconcepts import download_from_hub   # heavy: see _config
+
+    if getattr(args, "hub", False):
+        return str(download_from_hub(out.hub_data, args.hub_token or os.environ.get("HF_TOKEN"),
+                                     perception_metadata=args.perception_metadata))
+    if not args.data:
+        raise ValueError("--data DIR is required (or --hub for UnsafeConcepts)")
+    return args.data
+
+
+def _judge(args: argparse.Namespace, out: EvalLayout):
+    """The RTVLM judge of --judge, with its --judge-option values and the judgement cache."""
+    from eval.core.cache import Cache                    # heavy: see _config
+    from eval.judges import build_judge
     from safety_modules.configio import parse_overrides
-    return parse_overrides(items, what="--judge-option")
+
+    options = parse_overrides(args.judge_option, what="--judge-option")
+    if not args.no_cache:
+        options.setdefault("cache", Cache(Path(args.cache) if args.cache else out.cache, table="judgements"))
+    return build_judge(args.judge, **options)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    import torch                                         # heavy: see _config
 
     from eval import pipeline
-    from runtime.distributed import setup
-    from eval.models import load_runner
+    from eval.core.models import load_runner
+    from runtime.distributed import setup, teardown
 
     cfg = _config(args)
     ctx = setup()
-    out = Path(args.out)
-    data = args.data
-    if getattr(args, "hub", False):
-        from eval.benchmarks.unsafeconcepts import download_from_hub
-        data = str(download_from_hub(out / "hub_data", args.hub_token or os.environ.get("HF_TOKEN"),
-                                     perception_metadata=args.perception_metadata))
-    if not data:
-        raise ValueError("--data DIR is required (or --hub for UnsafeConcepts)")
+    out = EvalLayout(args.out)
+    data = _data(args, out)
     device = args.device or ctx.device()
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     runner = load_runner(args.model, args.adapter, kind=args.runner, device=device, dtype=dtype, seed=args.model_seed,
                          image_preprocess=cfg.image_preprocess, conversation=cfg.conversation,
                          strict_base=args.strict_base)
     cache = False if args.no_cache else args.cache
+    common = dict(limit=args.limit, sample=args.sample, seed=args.seed, cfg=cfg, cache=cache, ctx=ctx)
     try:
         if args.benchmark == "unsafeconcepts":
             results = pipeline.run_unsafeconcepts(
-                runner, data, out, split=args.split, protocol=args.protocol, safe_data=args.safe_data,
-                limit=args.limit, sample=args.sample, seed=args.seed,
+                runner, data, out.root, split=args.split, protocol=args.protocol, safe_data=args.safe_data,
                 tasks=args.tasks, classifier=args.classifier, second_classifier=args.second_classifier,
-                rules=not args.no_rules, cfg=cfg, cache=cache, ctx=ctx)
+                rules=not args.no_rules, **common)
         elif args.benchmark == "rtvlm":
-            from eval.cache import Cache
-            from eval.judges import build_judge
-            options = _judge_options(args.judge_option)
-            if not args.no_cache:
-                options.setdefault("cache", Cache(Path(args.cache) if args.cache else out / "cache.sqlite",
-                                                  table="judgements"))
-            judge = build_judge(args.judge, **options) if ctx.is_main else None
-            results = pipeline.run_rtvlm(runner, data, out, judge, subsets=args.subsets, limit=args.limit,
-                                         sample=args.sample, seed=args.seed, cfg=cfg, cache=cache, ctx=ctx)
+            judge = _judge(args, out) if ctx.is_main else None
+            results = pipeline.run_rtvlm(runner, data, out.root, judge, subsets=args.subsets, **common)
         else:
-            results = pipeline.run_general(runner, data, out, split=args.split, limit=args.limit, sample=args.sample,
-                                           seed=args.seed, classifier=args.classifier, cfg=cfg, cache=cache, ctx=ctx)
+            results = pipeline.run_general(runner, data, out.root, split=args.split, classifier=args.classifier,
+                                           **common)
     finally:
-        ctx.close()
+        teardown()
     if results is None:
         return 0
     gen = results["generation"]
     print(f"{args.benchmark}: {results['data']['n_items']} items ({gen['generated']} generated, "
-          f"{gen['from_cache']} from cache) -> {out / 'results.json'}, {out / 'report.md'}")
+          f"{gen['from_cache']} from cache) -> {out.results}, {out.report}")
     if args.benchmark == "rtvlm" and not results["metrics"]["complete"]:
-        print(f"warning: the judge failed on {results['metrics']['n_failed']} answers; they are reported as "
-              "failed (see responses.jsonl), not scored", file=sys.stderr)
+        log.warning("the judge failed on %d answers; they are reported as failed (see %s), not scored",
+                    results["metrics"]["n_failed"], out.responses)
         return 3
     return 0

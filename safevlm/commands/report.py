@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from runtime.layout import COMPARISON_CSV_FILE, COMPARISON_FIGURE_FILE, COMPARISON_JSON_FILE, COMPARISON_MARKDOWN_FILE
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="put several eval runs side by side (table + figure), or export "
@@ -16,7 +18,8 @@ def register(subparsers) -> None:
     p.add_argument("--runs", nargs="+", metavar="DIR",
                    help="run folders, each with results.json or one subfolder per benchmark holding one")
     p.add_argument("--names", nargs="+", metavar="NAME", help="column names (default: the folder names)")
-    p.add_argument("--out", help="where summary.md/.csv/.json/.png go")
+    p.add_argument("--out", help=f"where {COMPARISON_MARKDOWN_FILE}, {COMPARISON_CSV_FILE}, {COMPARISON_JSON_FILE} and "
+                                 f"{COMPARISON_FIGURE_FILE} go")
     p.set_defaults(func=run)
     actions = p.add_subparsers(dest="report_action")
     audit = actions.add_parser("audit", help="a seeded random sample of labelled answers per method, as CSV with "
@@ -29,6 +32,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # eval loads torch and transformers (through safety_modules): imported when the command runs, so
+    # that `safevlm --help` does not wait for them.
     from eval.report import compare_runs
 
     if not args.runs or not args.out:
@@ -39,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    from eval.audit import write_audit
+    from eval.audit import write_audit          # heavy: see run
 
     written = write_audit(args.run_dir, args.out, per_method=args.per_method, seed=args.seed)
     counts = ", ".join(f"{method} {n}" for method, n in written["per_method"].items())

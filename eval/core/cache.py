@@ -1,10 +1,10 @@
 """An on-disk cache of model responses and judge scores (sqlite3, stdlib), with hit/miss counters.
 
-Why: a 7B evaluation of UnsafeConcepts is ~10k generations and an API judge costs money, so an
-interrupted run must resume where it stopped and a rerun must cost nothing. Every answer is written
-(and committed) as soon as its batch finishes; keys are content hashes of everything that decides
-the answer -- model fingerprint (+ adapter hash), prompt, image hashes, generation settings -- so a
-changed model, prompt or setting can never be served a stale answer.
+Why: an UnsafeConcepts evaluation of a full-size model is thousands of generations and an API judge
+costs money, so an interrupted run must resume where it stopped and a rerun must cost nothing. Every
+answer is written (and committed) as soon as its batch finishes; keys are content hashes of
+everything that decides the answer -- model fingerprint (+ adapter hash), prompt, image hashes,
+generation settings -- so a changed model, prompt or setting can never be served a stale answer.
 
 sqlite3 in WAL mode lets several ranks of one `torchrun` write to the same file. Nothing secret is
 ever part of a key or a value (API keys stay in the judge's memory).

@@ -11,13 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
-from eval.benchmarks import EvalItem
-from eval.metrics import NA
+from eval.core.items import MULTIPLE_CHOICE, TEXT_ALIGNMENT, EvalItem
+from response_classifier.data import named_option
+from response_classifier.model import ResponseClassifier
+from response_classifier.rules import rule_based_label
+from safety_modules.labels import ALIGNMENT, NA, PERCEPTION
 
-# Benchmark task -> the classifier task that labels its answers.
-PERCEPTION = "perception"
-CLASSIFIER_TASK = {"perception": PERCEPTION, "alignment": "alignment", "text_alignment": "alignment",
-                   "multiple_choice": PERCEPTION}
+# Item task -> the classifier task that labels its answers.
+CLASSIFIER_TASK = {PERCEPTION: PERCEPTION, ALIGNMENT: ALIGNMENT, TEXT_ALIGNMENT: ALIGNMENT,
+                   MULTIPLE_CHOICE: PERCEPTION}
 
 
 class Labeler(Protocol):
@@ -33,7 +35,6 @@ class RuleLabeler:
     name = "rules"
 
     def label(self, questions: list[str], answers: list[str], task: str) -> list[str]:
-        from response_classifier.rules import rule_based_label
         return [rule_based_label(q, a, task) for q, a in zip(questions, answers)]
 
 
@@ -42,7 +43,6 @@ class ClassifierLabeler:
 
     def __init__(self, directory: str | Path, name: str | None = None, device: str = "cpu",
                  batch_size: int = 64) -> None:
-        from response_classifier.model import ResponseClassifier
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"response classifier folder not found: {directory}")
@@ -54,8 +54,7 @@ class ClassifierLabeler:
         """Each distinct (question, answer) pair is classified once.
 
         Why: greedy answers repeat (five alignment prompts per image, a handful of distinct
-        verdicts), and the classifier's forward is most of an evaluation's time on a CPU; measured
-        on the tiny default, 870 answers held 357 distinct pairs.
+        verdicts), and the classifier's forward is most of an evaluation's time on a CPU.
         """
         pairs = list(dict.fromkeys(zip(questions, answers)))
         labels: list[str] = []
@@ -98,8 +97,6 @@ def with_named_options(questions: Sequence[str], answers: Sequence[str], labels:
     under one convention, dropped under the other). Several options named, or the one named
     negated, stay NA (`response_classifier.data.named_option`).
     """
-    from response_classifier.data import named_option
-
     return [(named_option(q, a) or NA) if lab == NA else lab for q, a, lab in zip(questions, answers, labels)]
 
 

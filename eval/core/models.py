@@ -22,6 +22,10 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from base_models.loading import TINY_SPECS, load_base
+from runtime.distributed import context
+from safety_modules.adapter_io import load_adapter
+from safety_modules.attach import SafetyVLM
 from safety_modules.configio import ConfigError
 from safety_modules.input_format import PROCESSOR_PREPROCESS
 from safety_modules.prompting import build_prompt, encode_batch
@@ -92,8 +96,9 @@ def tensor_fingerprint(module: torch.nn.Module) -> str:
 def folder_fingerprint(path: str | Path, full_below: int = 64 << 20) -> str:
     """sha256 over a folder's files: small files in full, big weight files by size + head + tail.
 
-    Why not all bytes: hashing 14 GB of 7B weights on every eval costs minutes; size plus the first
-    and last MiB (the safetensors header names every tensor and offset) changes with any re-save.
+    Why not all bytes: hashing a full-size model's weights on every evaluation would cost more than a
+    short evaluation; size plus the first and last MiB (the safetensors header names every tensor and
+    offset) changes with any re-save.
     """
     root = Path(path)
     digest = hashlib.sha256()
@@ -202,7 +207,6 @@ class SafetyRunner(ModelRunner):
     kind = "safevlm"
 
     def __init__(self, model, processor=None, fingerprint: str = "", name: str = "") -> None:
-        from safety_modules.attach import SafetyVLM
         if not isinstance(model, SafetyVLM):
             raise TypeError(f"SafetyRunner needs a model returned by attach()/load_adapter(), got {type(model).__name__}")
         super().__init__(model, processor if processor is not None else model.processor,
@@ -213,10 +217,6 @@ class SafetyRunner(ModelRunner):
 
 
 RUNNERS: dict[str, type[ModelRunner]] = {"hf": HFRunner, "safevlm": SafetyRunner}
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_runner(model: str, adapter: str | Path | None = None, kind: str = "auto", device: str | None = None,
@@ -230,8 +230,6 @@ def load_runner(model: str, adapter: str | Path | None = None, kind: str = "auto
     (`safety_modules.prompting.CONVERSATIONS`, e.g. 'llava_v1'); '' keeps the processor's own.
     `strict_base` refuses an adapter trained on a base with other weights (default: a warning).
     """
-    from base_models.loading import TINY_SPECS, load_base
-
     if kind == "auto":
         kind = "safevlm" if adapter else "hf"
     if kind not in RUNNERS:
@@ -240,7 +238,7 @@ def load_runner(model: str, adapter: str | Path | None = None, kind: str = "auto
         raise ValueError("runner 'safevlm' needs --adapter DIR (untrained safety modules would be meaningless)")
     if kind == "hf" and adapter:
         raise ValueError("runner 'hf' is the plain model: drop --adapter, or use --runner safevlm (kind='safevlm')")
-    device = device or default_device()
+    device = device or context().device()
     if dtype is None:
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     base, processor = load_base(model, dtype=dtype, device=device, seed=seed, image_preprocess=image_preprocess,
@@ -251,7 +249,6 @@ def load_runner(model: str, adapter: str | Path | None = None, kind: str = "auto
         base_fp = f"{Path(model).resolve().name}:{folder_fingerprint(model)}"
     if kind == "hf":
         return HFRunner(base, processor, base_fp, name=Path(model).name)
-    from safety_modules.adapter_io import load_adapter
     safe = load_adapter(base, adapter, processor, strict_base=strict_base).to(device)
     safe.eval()
     fp = f"{base_fp}+adapter:{folder_fingerprint(adapter)}"
@@ -260,7 +257,6 @@ def load_runner(model: str, adapter: str | Path | None = None, kind: str = "auto
 
 def runner_from_model(model, processor=None, name: str = "", fingerprint: str = "") -> ModelRunner:
     """Wrap a model already in memory (a SafetyVLM or a plain HF VLM); fingerprint from its tensors."""
-    from safety_modules.attach import SafetyVLM
     if isinstance(model, SafetyVLM):
         return SafetyRunner(model, processor, fingerprint, name)
     return HFRunner(model, processor, fingerprint or tensor_fingerprint(model), name)
