@@ -158,7 +158,8 @@ class Setup:
 
     def step(self) -> None:
         """One PPO step: sample, score, reward, one clipped update."""
-        from training.rl.losses import gae, kl_estimate, policy_loss, token_logprobs, token_rewards, value_loss, whiten
+        from training.logprobs import token_logprobs
+        from training.rl.losses import gae, kl_estimate, policy_loss, token_rewards, value_loss, whiten
         from training.rl.rollout import sample, score_tokens
 
         args = self.args

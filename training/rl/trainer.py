@@ -48,8 +48,9 @@ from training.config import TrainConfig
 from runtime.distributed import all_reduce, import_deepspeed, is_main, setup
 from training.engine import (TrainingDiverged, deepspeed_config, gpu_memory, load_latest_checkpoint, lr_schedule,
                              truncate_metrics, use_bf16)
-from training.rl.losses import (AdaptiveKLController, entropy_from_logits, gae, kl_estimate, masked_mean, policy_loss,
-                                token_logprobs, token_rewards, value_loss)
+from training.logprobs import entropy_from_logits, token_logprobs
+from training.rl.losses import (AdaptiveKLController, gae, kl_estimate, masked_mean, policy_loss, token_rewards,
+                                value_loss)
 from training.rl.reward import ClassifierReward, classifier_task
 from training.rl.rollout import PolicyWithValue, Rollout, sample, score_tokens, select
 
