@@ -1,15 +1,22 @@
-"""Means and whitening over the batches of every process, on `runtime.distributed.all_reduce`.
+"""Flags, means and whitening over every process, on `runtime.distributed.all_reduce`.
 
-Shared by the engine's sharded evaluation and PPO's rewards, advantages and metrics: a process
-contributes sums and counts, the group adds them up, and every process gets the same global figure.
-With one process each is exactly its local counterpart.
+Shared by the engine (a NaN loss on any process, its sharded evaluation), checkpoints (a failed
+write on any process) and PPO's rewards, advantages and metrics: a process contributes its flag or
+its sums and counts, the group combines them, and every process gets the same global answer. With
+one process each is exactly its local counterpart.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from runtime.distributed import all_reduce
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any of them (every process calls it: collective)."""
+    return bool(all_reduce(torch.tensor([1.0 if flag else 0.0]), dist.ReduceOp.MAX).item())
 
 
 def global_means(sums: dict[str, tuple[float | torch.Tensor, float | torch.Tensor]],

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
@@ -41,7 +40,7 @@ from safety_modules.adapter_io import remember_base
 from safety_modules.labels import IGNORE_INDEX
 from training import checkpoint as ckpt
 from training.collator import to_device
-from training.collectives import global_means
+from training.collectives import any_process, global_means
 from training.config import TrainConfig
 from training.deepspeed_setup import (WarmupDecay, deepspeed_config, lr_schedule,  # noqa: F401  (public API)
                                       register_zero3_external_parameters, use_bf16, zero_stage)
@@ -108,8 +107,8 @@ class Engine:
         _hold_run_lock(self, self.run_dir)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
-        self.dist = setup(group_of_one=True)
-        self.rank, self.world = self.dist.rank, self.dist.world_size
+        self.group = setup(group_of_one=True)
+        self.rank, self.world = self.group.rank, self.group.world_size
         self.step = 0
         self.last_checkpoint: Path | None = None
 
@@ -156,8 +155,7 @@ class Engine:
                 else "no checkpoint was written before it")
 
     def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = all_reduce(torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0]), dist.ReduceOp.MAX)
-        if bad.item():
+        if any_process(not bool(torch.isfinite(loss.detach()).all())):
             raise TrainingDiverged(f"{self.name}: loss is {loss.item()} (NaN/inf on at least one process) at step "
                                    f"{self.step + 1}; stopping, {self._last_good()}")
 
@@ -272,7 +270,7 @@ class Engine:
     def shard_batches(self, n: int, size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
         """This rank's share of `n` items in batches of `size`: (indices, weights), weight 0 for the
         padding rows that give every rank the same number of batches (a ZeRO-3 forward is collective)."""
-        shard = self.dist.padded_shard(n)
+        shard = self.group.padded_shard(n)
         for start in range(0, len(shard.indices), size):
             yield shard.indices[start:start + size], torch.tensor(shard.weights[start:start + size])
 
@@ -281,7 +279,7 @@ class Engine:
         return ckpt.gather(params)
 
     def barrier(self) -> None:
-        self.dist.barrier()
+        self.group.barrier()
 
 
 class Trainer(Engine):
