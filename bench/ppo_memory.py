@@ -32,16 +32,6 @@ Shapes (random weights built from a config, nothing downloaded; the tiny tokeniz
 
 The last line of output is one JSON object: device, shape, peak_memory_ratio (ours / reference),
 step_time_ratio (ours / reference) and the figures behind them.
-
-Measured here (CPU, 2 busy shared cores, 23 GB RAM):
-    OMP_NUM_THREADS=2 python bench/ppo_memory.py --device cpu --shape 1b --batch 2 --new-tokens 16 --warmup 0
-    ours      peak    6.25 GiB  step   181.80 s  parameters 1.260 B  trainable 40.4 M
-    reference peak   14.86 GiB  step   327.65 s  parameters 3.492 B  trainable 80.8 M
-    -> peak_memory_ratio 0.4207 (0.4059 above the bare process), step_time_ratio 0.5549
-    OMP_NUM_THREADS=2 python bench/ppo_memory.py --device cpu --shape small --warmup 1
-    -> ours 2.28 GiB / 70.3 s, reference 3.99 GiB / 102.2 s: peak_memory_ratio 0.5719, step_time_ratio 0.6882
-(at the small shape activations and the ~0.4 GB bare process weigh more against the weights).
-The GPU run at LLaVA-1.5-7B shape was not made: no GPU was lent to this work.
 """
 
 from __future__ import annotations
@@ -158,7 +148,8 @@ class Setup:
 
     def step(self) -> None:
         """One PPO step: sample, score, reward, one clipped update."""
-        from training.rl.losses import gae, kl_estimate, policy_loss, token_logprobs, token_rewards, value_loss, whiten
+        from training.logprobs import token_logprobs
+        from training.rl.losses import gae, kl_estimate, policy_loss, token_rewards, value_loss, whiten
         from training.rl.rollout import sample, score_tokens
 
         args = self.args

@@ -14,6 +14,8 @@ generated answers (a handful of steps: its judgements are weak, but its outputs 
 - a short one-process ZeRO-2 PPO run logs finite metrics (first-step KL 0: the reference is the
   start) and exports an adapter that loads onto a fresh base like any other (no reference in it)
   and reproduces the trained model exactly; frozen parts stay frozen;
+- divergence: weights made NaN/inf by the last update stop the run (before anything is exported),
+  and so does a checkpoint of such weights (TrainingDiverged, as in the supervised engine);
 - slow: a 2-process ZeRO-3 run (parameters really partitioned) exports an adapter that loads; a run
   resumed from its step-2 checkpoint reproduces the uninterrupted run's metrics and weights.
 """
@@ -39,7 +41,9 @@ from red_blue import save_stage2_adapter, write_red_blue_world
 from safety_modules import SafetyConfig, load_adapter
 from base_models.loading import load_base
 from safevlm.cli import main as cli_main
+from training.checkpoint import latest_checkpoint
 from training.config import DataConfig, ModelSpec, TrainConfig
+from training.engine import TrainingDiverged
 from training.rl.losses import whiten
 from training.rl.reward import ClassifierReward, classifier_reward_fn
 from training.rl.reference import REFERENCE_ADAPTER
@@ -302,6 +306,42 @@ def test_ppo_config_and_label_errors_are_one_clear_line(setup, tmp_path, capsys)
     cfg.data.train = str(bad)
     with pytest.raises(ValueError, match=r"ppo.jsonl:3: field 'label': 'B' is not one of \['Safe', 'Unsafe', 'NA'\]"):
         load_prompts(cfg, build_ppo_model(cfg))
+
+
+# -- divergence ------------------------------------------------------------------------------------
+def poisoned_trainer(setup, run_dir: Path, **train_kw):
+    """A one-step PPO trainer (two optimizer updates) whose second update turns every weight NaN: from
+    the first update on, each forward makes Adam's second moment negative (sqrt < 0). Every loss the
+    run checks is computed before that update and stays finite."""
+    from training.recipes.ppo import build_ppo_model, classifier_path, load_prompts
+    from training.rl.trainer import PPOTrainer
+
+    cfg = ppo_config(setup, run_dir, max_steps=1, **train_kw)
+    cfg.algo = PPOSpec(epochs=1, minibatches=2, target_kl=0.0)
+    policy = build_ppo_model(cfg)
+    reward = ClassifierReward.load(classifier_path(cfg), kind=cfg.reward, device="cpu")
+    trainer = PPOTrainer(policy, load_prompts(cfg, policy), reward, cfg.train, cfg.rollout, cfg.algo, run_dir)
+
+    def poison(module, inputs, output):
+        for state in trainer.optimizer.optimizer.state.values():
+            state["exp_avg_sq"].fill_(-1.0)
+
+    policy.value_head.register_forward_hook(poison)
+    return trainer
+
+
+def test_nan_weights_after_the_last_ppo_update_stop_the_run(setup, tmp_path):
+    trainer = poisoned_trainer(setup, tmp_path / "ppo")
+    with pytest.raises(TrainingDiverged, match=r"ppo: the update of step 1 made \d+ trainable tensors NaN/inf .*"
+                                               r"no checkpoint was written before it"):
+        trainer.fit()
+
+
+def test_a_ppo_checkpoint_of_nan_weights_stops_the_run_as_diverged(setup, tmp_path):
+    trainer = poisoned_trainer(setup, tmp_path / "ppo", save_every=1)
+    with pytest.raises(TrainingDiverged, match=r"ppo: the update of step 1 made the weights NaN/inf; stopping"):
+        trainer.fit()
+    assert latest_checkpoint(tmp_path / "ppo") is None                  # nothing written
 
 
 # -- slow: several processes, resume ----------------------------------------------------------------

@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from safety_modules import load_adapter, save_adapter
 from base_models.loading import load_base
 from test_ppo import ppo_config, prompt_rows, setup  # noqa: F401  (setup: the shared module fixture)
-from training.rl.losses import kl_estimate, token_logprobs
+from training.logprobs import token_logprobs
+from training.rl.losses import kl_estimate
 from training.rl.reference import REFERENCE_ADAPTER
 from training.rl.rollout import sample, score_tokens
 from training.rl.trainer import PromptCollator

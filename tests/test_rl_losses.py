@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from training.rl.losses import (AdaptiveKLController, dpo_loss, entropy_from_logits, gae, kl_estimate,
-                                last_token_index, policy_loss, token_rewards, value_loss, whiten)
+from training.logprobs import dpo_loss, entropy_from_logits
+from training.rl.losses import (AdaptiveKLController, gae, kl_estimate, last_token_index, policy_loss, token_rewards,
+                                value_loss, whiten)
 
 
 def test_gae_matches_hand_computation_and_ignores_padding():

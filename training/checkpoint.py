@@ -46,7 +46,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from runtime.distributed import import_deepspeed
 from safety_modules.fileio import CorruptFileError, FileWriteError, read_json, write_file, write_text_atomic
+from training.collectives import any_process
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +127,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any (every rank calls it: collective)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def nonfinite_tensors(obj: Any, prefix: str = "") -> list[str]:
     """Names of the floating-point tensors in a nest of dicts/lists that hold a NaN or an inf."""
     if isinstance(obj, torch.Tensor):
@@ -151,7 +143,7 @@ def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
     result is empty on every rank only when every rank's share is finite."""
     bad = [n for n, p in model.named_parameters()
            if p.requires_grad and not bool(torch.isfinite(getattr(p, "ds_tensor", p).detach()).all())]
-    if _any_rank(bool(bad)) and not bad:
+    if any_process(bool(bad)) and not bad:
         return ["(a partition held by another process)"]
     return bad
 
@@ -221,6 +213,7 @@ def load_optimizer_state(optimizer, state: dict[str, Any], where: Path) -> None:
         raise CheckpointError(f"{where}: optimizer partitions do not match this run (different trainable "
                               "parameters, process count or ZeRO settings)")
     if stage == 3:
+        # Imported here: deepspeed is heavy, and `safevlm --help` imports this module.
         from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, LOSS_SCALER, OPTIMIZER_STATE_DICT
 
         # DeepSpeed's own rigid loader, fed with safely loaded tensors: it copies the fp32 partitions,
@@ -247,9 +240,7 @@ def gather(params: list[torch.nn.Parameter], modifier_rank: int | None = None):
     partitioned = [p for p in params if hasattr(p, "ds_id")]
     if not partitioned:
         return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+    return import_deepspeed().zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
 
 
 def load_trainable_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
@@ -302,13 +293,13 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     tensors = trainable_tensors(model)              # collective under ZeRO-3: every rank calls it
     per_rank = {"optimizer": optimizer_state(optimizer), "scheduler": scheduler.state_dict(), "rng": rng_state()}
     bad = nonfinite_tensors(tensors) + nonfinite_tensors(per_rank["optimizer"], "optimizer")
-    if _any_rank(bool(bad)):
+    if any_process(bool(bad)):
         what = (f"{len(bad)} tensors hold NaN/inf ({_shown(bad)})" if bad
                 else "another process's optimizer partition holds NaN/inf")
         raise NonFiniteCheckpoint(f"checkpoint {final} not written: {what}; {_latest_phrase(run_dir, 'good')}")
 
     def fail(error: str | None) -> None:
-        if _any_rank(error is not None):
+        if any_process(error is not None):
             if _rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"checkpoint {final} not written: {error or 'another process could not write its part'}"
@@ -430,7 +421,7 @@ def resume_checkpoint(run_dir: str | Path, model: torch.nn.Module, optimizer, sc
             data, problem = read_checkpoint(path, expect), None
         except CorruptCheckpoint as exc:
             data, problem = None, str(exc)
-        if _any_rank(problem is not None):
+        if any_process(problem is not None):
             skipped.append(f"{path.name} skipped: {problem or 'another process could not read its part'}")
             continue
         return path, apply_checkpoint(data, model, optimizer, scheduler), skipped

@@ -37,6 +37,12 @@ def plain_model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {k: v for k, v in batch.items() if k not in HEAD_LABEL_KEYS}
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str,
+              dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A collated batch on `device`, its floating-point tensors (pixels) in the model's `dtype`."""
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
+
+
 class TrainingCollator:
     """rows (dicts of training/records.FEATURES) -> model inputs + labels.
 

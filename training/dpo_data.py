@@ -19,15 +19,16 @@ costs one forward pass over the data instead of one per step.
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from training.collator import IGNORE_INDEX, TrainingCollator, plain_model_inputs
-from training.rl.losses import token_logprobs
+from runtime.distributed import DistContext, all_reduce, context
+from safety_modules.labels import IGNORE_INDEX
+from training.collator import TrainingCollator, plain_model_inputs, to_device
+from training.logprobs import token_logprobs
 
 NOT_MODEL_INPUTS = ("labels", "pair_index")   # the rest (the family's image inputs included) goes to the model
 REFERENCE_START = "start"     # the starting policy: the model as loaded (stage-2 LoRA on)
@@ -91,10 +92,6 @@ def sequence_logps(forward: Callable, batch: dict[str, torch.Tensor]) -> tuple[t
     return logps[:half], logps[half:]
 
 
-def _move(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
-
-
 @torch.no_grad()
 def reference_logps(model, dataset, collate: PairCollator, batch_size: int, *, forward: Callable | None = None,
                     reference: str = REFERENCE_START, device: torch.device | None = None,
@@ -109,29 +106,20 @@ def reference_logps(model, dataset, collate: PairCollator, batch_size: int, *, f
     if reference not in REFERENCES:
         raise ValueError(f"reference: must be one of {list(REFERENCES)}, got {reference!r}")
     forward = forward or model
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    n = len(dataset)
-    mine = list(range(rank, n, world))
-    per_rank = math.ceil(n / world)
-    valid = len(mine)
-    mine = mine + [0] * (per_rank - valid)                # padding rows, discarded
-    table = torch.zeros(n, 2, dtype=torch.float32)
+    shard = (context() if dist.is_initialized() else DistContext()).padded_shard(len(dataset))
+    valid = shard.valid                                   # the rest of shard.indices is padding, discarded
+    table = torch.zeros(len(dataset), 2, dtype=torch.float32)
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    context = model.base.disable_adapter() if reference == REFERENCE_BASE else nullcontext()
-    with context:
-        for start in range(0, per_rank, batch_size):
-            indices = mine[start:start + batch_size]
-            batch = _move(collate([dataset[j] for j in indices]), device, dtype)
+    lora_state = model.base.disable_adapter() if reference == REFERENCE_BASE else nullcontext()
+    with lora_state:
+        for start in range(0, len(shard.indices), batch_size):
+            indices = shard.indices[start:start + batch_size]
+            batch = to_device(collate([dataset[j] for j in indices]), device, dtype)
             chosen, rejected = sequence_logps(forward, batch)
             for k, j in enumerate(indices):
                 if start + k < valid:
                     table[j, 0], table[j, 1] = chosen[k].float().cpu(), rejected[k].float().cpu()
     model.train(was_training)
-    if world > 1:
-        target = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
-        reduced = table.to(target)
-        dist.all_reduce(reduced)                          # each row was filled by exactly one process
-        table = reduced.cpu()
-    return table
+    return all_reduce(table)                              # each row was filled by exactly one process

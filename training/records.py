@@ -16,7 +16,7 @@ Image root: image paths are relative to the data set's folder and may not leave 
 world's `DIR/records/stage1.jsonl`), the folder above it (`DIR`); otherwise the file's own folder.
 
 Why validate everything up front, line by line: the reference code replaced an unreadable image
-by zeros and kept its label, and a bad line found at step 40,000 wastes a run. Every problem is an
+by zeros and kept its label, and a bad line found deep into a run wastes it. Every problem is an
 error naming the file, the line and the field; with `skip_bad_records` the record is logged, skipped
 and counted instead -- never dropped silently, never kept with a stand-in image.
 """

@@ -10,7 +10,7 @@ modules), whose margins before training already show how far stage 2 moved the m
 its log-probabilities are computed once before training (training/dpo_data.py says why), with no
 second copy of the model, and written to `<run_dir>/reference_logps.safetensors`; the summary
 records which was used. Sequence log-prob = sum over the response tokens. Loss:
-`training.rl.losses.dpo_loss` (Rafailov et al. 2023) with `beta`.
+`training.logprobs.dpo_loss` (Rafailov et al. 2023) with `beta`.
 
 Summary metrics (before/after, on the training records and the held-out slice): reward accuracy
 (share of pairs with beta x margin > 0), mean margin, DPO loss, policy accuracy (the policy's own
@@ -35,10 +35,10 @@ from training.dpo_data import (REFERENCE_START, REFERENCES, IndexedRows, PairCol
                                sequence_logps)
 from runtime.distributed import is_main
 from training.engine import Trainer
+from training.logprobs import dpo_loss
 from training.recipes import export_adapter, load_training_records, measured_before, save_run_config, write_json
 from training.recipes.baselines import (BaselineSection, baseline_train_defaults, build_baseline_model, limited,
                                         scored_answers, split_heldout, trainable_parameters)
-from training.rl.losses import dpo_loss
 
 # How a sweep ranks runs on the held-out slice: answers judged right first, then the DPO loss. The DPO
 # loss alone keeps falling as the rate grows while both answers' likelihoods collapse (on the concept

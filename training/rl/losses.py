@@ -1,4 +1,5 @@
-"""PPO and DPO arithmetic, each piece small enough to check against a hand computation.
+"""PPO arithmetic, each piece small enough to check against a hand computation (the log-probability
+pieces DPO shares live in training/logprobs.py).
 
 Fixes of the reference code built in here: rewards are whitened with an epsilon (its per-batch
 min-max normalisation divided by zero when all rewards were equal), the score is placed at the last
@@ -8,7 +9,6 @@ min-max normalisation divided by zero when all rewards were equal), the score is
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,17 +116,6 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of the categorical distribution given by `logits` (..., V)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) for each position: logits (B, T, V) predicting tokens (B, T)."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
 class AdaptiveKLController:
     """Ziegler et al. (2019): move the KL coefficient so the observed KL tracks a target."""
 
@@ -142,9 +131,3 @@ class AdaptiveKLController:
         self.value *= 1.0 + error * batch_size / self.horizon
         return self.value
 
-
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPO (Rafailov et al. 2023) on sequence log-probabilities; returns (mean loss, reward margins)."""
-    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    return -F.logsigmoid(beta * margin).mean(), beta * margin

@@ -27,9 +27,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from response_classifier.data import check_task
+from response_classifier.model import ResponseClassifier
+from safety_modules.labels import ALIGNMENT, PERCEPTION, TASK_LABELS
+
 REWARD_KINDS = ("logprob", "prob")
-PERCEPTION = "perception"
-ALIGNMENT = "alignment"
 IMAGE_MARKER = "<image>"
 
 
@@ -69,16 +71,12 @@ class ClassifierReward:
     @classmethod
     def load(cls, directory: str | Path, kind: str = "logprob", device: str | torch.device = "cpu",
              batch_size: int = 64) -> "ClassifierReward":
-        from response_classifier.model import ResponseClassifier
-
         return cls(ResponseClassifier.load(directory, device=device), kind, batch_size)
 
     @torch.no_grad()
     def __call__(self, questions: Sequence[str], answers: Sequence[str], labels: Sequence[str],
                  tasks: Sequence[str] | str = ALIGNMENT) -> RewardOutput:
         """Rewards for N answers; `tasks` is one classifier task or one per answer."""
-        from response_classifier.data import TASK_LABELS
-
         n = len(questions)
         if len(answers) != n or len(labels) != n:
             raise ValueError(f"reward: {n} questions, {len(answers)} answers and {len(labels)} labels "
@@ -135,8 +133,6 @@ def classifier_reward_fn(classifier_dir: str | Path, task: str = ALIGNMENT, kind
     i.e. a dataset column `labels` (another name: `label_column`). A `task` column, when the
     dataset has one, overrides `task` per sample (records' "text_alignment" is judged as alignment).
     """
-    from response_classifier.data import check_task
-
     check_task(task)
     reward = ClassifierReward.load(classifier_dir, kind=kind, device=device, batch_size=batch_size)
 

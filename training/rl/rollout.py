@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from safety_modules.attach import EncodedImages, SafetyVLM
-from training.rl.losses import entropy_from_logits, token_logprobs
+from training.logprobs import entropy_from_logits, token_logprobs
 from training.rl.reference import StartingPolicy
 
 

@@ -27,34 +27,37 @@ the one that scored the rollout, and PPO's ratio would not start at 1 (TRL does 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 
 from safety_modules.configio import ConfigError
 from safety_modules.images import MAX_IMAGE_PIXELS, load_image
+from safety_modules.labels import SAFE, UNSAFE
 from safety_modules.prompting import build_prompt, encode_batch
-from training import checkpoint as ckpt
-from runtime import runlock
+from training.collectives import global_means, global_whiten
+from runtime.distributed import is_main
 from training.config import TrainConfig
-from runtime.distributed import all_reduce, import_deepspeed, is_main, setup
-from training.engine import (TrainingDiverged, deepspeed_config, gpu_memory, load_latest_checkpoint, lr_schedule,
-                             truncate_metrics, use_bf16)
-from training.rl.losses import (AdaptiveKLController, entropy_from_logits, gae, kl_estimate, masked_mean, policy_loss,
-                                token_logprobs, token_rewards, value_loss)
+from training.engine import Engine
+from training.logprobs import entropy_from_logits, token_logprobs
+from training.rl.losses import AdaptiveKLController, gae, kl_estimate, masked_mean, policy_loss, token_rewards, value_loss
 from training.rl.reward import ClassifierReward, classifier_task
 from training.rl.rollout import PolicyWithValue, Rollout, sample, score_tokens, select
 
 log = logging.getLogger(__name__)
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# Seed salts. A generator drawn per (run seed, counter) -- an epoch's prompt order, a step's minibatch
+# order -- is seeded with seed * SEED_STRIDE + counter: the stride exceeds any count of epochs or
+# steps, so two (seed, counter) pairs never share a generator seed.
+SEED_STRIDE = 1_000_003
+# Each rank samples its answers from seed + RANK_SEED_STRIDE * rank: identical streams would correlate
+# the ranks' answers, and a stride far above the seeds people pick (0, 1, 42) keeps rank r of seed s
+# from replaying rank 0 of seed s + r.
+RANK_SEED_STRIDE = 7919
 
 
 # -- settings -----------------------------------------------------------------------------------
@@ -142,7 +145,7 @@ class BalancedPrompts:
 
     def indices(self, step: int) -> list[int]:
         epoch, offset = divmod(step, self.steps_per_epoch)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        gen = torch.Generator().manual_seed(self.seed * SEED_STRIDE + epoch)
         chosen = []
         for members in self.groups.values():
             perm = torch.randperm(len(members), generator=gen).tolist()
@@ -166,33 +169,25 @@ class PromptCollator:
                                  padding_side="left"))
 
 
-# -- collectives ---------------------------------------------------------------------------------
-def global_whiten(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
-    """`losses.whiten` over the batches of all processes (mean and variance of the global batch).
-
-    One process: exactly `whiten(x, mask, eps)`. All-equal values give zeros, not NaN.
-    """
-    m = torch.ones_like(x) if mask is None else mask.to(x.dtype)
-    first = all_reduce(torch.stack([(x * m).sum(), m.sum()]).detach().cpu())
-    count = first[1].clamp_min(1.0)
-    mean = (first[0] / count).to(x.device)
-    var = (all_reduce(((x - mean) ** 2 * m).sum().detach().cpu().reshape(1))[0] / count).to(x.device)
-    return (x - mean) * torch.rsqrt(var + eps) * m
-
-
-def global_means(sums: dict[str, tuple[float | torch.Tensor, float | torch.Tensor]]) -> dict[str, float]:
-    """{name: (sum, count)} of this process -> {name: global sum / global count} (NaN when count is 0)."""
-    names = sorted(sums)
-    if not names:
-        return {}
-    table = torch.tensor([[float(sums[k][0]), float(sums[k][1])] for k in names], dtype=torch.float64)
-    table = all_reduce(table)
-    return {k: (row[0] / row[1]).item() if row[1] > 0 else float("nan") for k, row in zip(names, table)}
+# -- the trainer ---------------------------------------------------------------------------------
+def ppo_batches(train: TrainConfig, rollout: RolloutSpec, ppo: PPOSpec) -> tuple[int, int]:
+    """(samples per minibatch, micro-batches per minibatch): a process's rollout splits into
+    `ppo.minibatches` optimizer steps of `train.micro_batch_size` forward passes each."""
+    if train.global_batch_size or train.gradient_accumulation_steps != 1:
+        raise ConfigError("train.global_batch_size / train.gradient_accumulation_steps: not used by PPO; the "
+                          "batch is rollout.batch_size per process, split into algo.minibatches optimizer steps "
+                          "of train.micro_batch_size forward passes each")
+    minibatch, rest = divmod(rollout.batch_size, ppo.minibatches)
+    if rest or minibatch % train.micro_batch_size:
+        raise ConfigError(f"rollout.batch_size ({rollout.batch_size}) must split into algo.minibatches "
+                          f"({ppo.minibatches}) minibatches of a multiple of train.micro_batch_size "
+                          f"({train.micro_batch_size}) samples")
+    return minibatch, minibatch // train.micro_batch_size
 
 
 def rank_seed_offset(rank: int) -> int:
     """Sampling seeds differ per rank (identical streams would correlate the ranks' answers)."""
-    return 7919 * rank
+    return RANK_SEED_STRIDE * rank
 
 
 def disable_dropout(module: torch.nn.Module) -> int:
@@ -205,93 +200,41 @@ def disable_dropout(module: torch.nn.Module) -> int:
     return changed
 
 
-# -- the trainer ---------------------------------------------------------------------------------
-class PPOTrainer:
-    """DeepSpeed engine around `PolicyWithValue`, the prompts, the reward; `fit()` runs PPO."""
+class PPOTrainer(Engine):
+    """PPO on the engine: DeepSpeed around `PolicyWithValue`, balanced prompts, the classifier reward.
+    `fit()` runs PPO; `evaluate()` judges greedy answers."""
 
     def __init__(self, policy: PolicyWithValue, records, reward: ClassifierReward, train: TrainConfig,
                  rollout: RolloutSpec, ppo: PPOSpec, run_dir: str | Path, seed: int = 0, name: str = "ppo",
                  max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
-        deepspeed = import_deepspeed()
-
+        self.minibatch, self.accumulation = ppo_batches(train, rollout, ppo)
         self.policy, self.reward = policy, reward
         # Plain dicts once (a datasets.Dataset row access costs far more than a list index).
         self.records = list(records.dataset) if hasattr(records, "dataset") else list(records)
-        self.train_cfg, self.rollout_spec, self.ppo = train, rollout, ppo
-        self.run_dir, self.seed, self.name = Path(run_dir), seed, name
-        # One run per folder, as the supervised engine: a second run on it is refused before it writes.
-        lock = runlock.acquire(self.run_dir) if runlock.is_main_process() else None
-        if lock is not None:
-            weakref.finalize(self, lock.release)
-        if train.global_batch_size or train.gradient_accumulation_steps != 1:
-            raise ConfigError("train.global_batch_size / train.gradient_accumulation_steps: not used by PPO; the "
-                              "batch is rollout.batch_size per process, split into algo.minibatches optimizer steps "
-                              "of train.micro_batch_size forward passes each")
-        if train.torch_threads:
-            torch.set_num_threads(train.torch_threads)
-        ctx = setup(group_of_one=True)
-        self.rank, self.world = ctx.rank, ctx.world_size
+        self.rollout_spec, self.ppo = rollout, ppo
+        super().__init__(train, run_dir, seed, name)
         torch.manual_seed(seed + rank_seed_offset(self.rank))     # each rank samples its own answers
-        self.prompts = BalancedPrompts([row["label"] for row in self.records], rollout.batch_size, self.rank, self.world, seed)
-        minibatch, rest = divmod(rollout.batch_size, ppo.minibatches)
-        if rest or minibatch % train.micro_batch_size:
-            raise ConfigError(f"rollout.batch_size ({rollout.batch_size}) must split into algo.minibatches "
-                              f"({ppo.minibatches}) minibatches of a multiple of train.micro_batch_size "
-                              f"({train.micro_batch_size}) samples")
-        self.minibatch = minibatch
-        self.accumulation = minibatch // train.micro_batch_size
-        ds_train = dataclasses.replace(train, gradient_accumulation_steps=self.accumulation, global_batch_size=0)
+        self.prompts = BalancedPrompts([row["label"] for row in self.records], rollout.batch_size, self.rank,
+                                       self.world, seed)
         self.total_steps = train.max_steps or train.epochs * self.prompts.steps_per_epoch
-        ds_config = deepspeed_config(ds_train, self.world)
-        self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-        model = policy.model
-        self._direct_params = list(model.safety.parameters(recurse=False))   # read without a module call
-        if self.zero_stage == 3:
-            for param in self._direct_params:
-                deepspeed.zero.register_external_parameter(model, param)
-        if disable_dropout(policy) and is_main():
-            log.warning("%s: dropout set to 0 in the policy (PPO ratios must start at 1)", name)
-        if train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        params = [p for p in policy.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(f"{name}: the policy has no trainable parameters")
         self.optimizer_steps_total = self.total_steps * ppo.epochs * ppo.minibatches
-        schedule = lr_schedule(ds_train, self.optimizer_steps_total)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=policy, model_parameters=params, config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-        self.dtype = torch.bfloat16 if use_bf16(train) else torch.float32
-        self.collate = PromptCollator(model.processor, max_image_pixels)
-        self.tokenizer = model.processor.tokenizer
+        self._direct_params = list(policy.model.safety.parameters(recurse=False))   # read without a module call
+        if disable_dropout(policy) and is_main():
+            log.info("%s: dropout set to 0 in the policy (PPO ratios must start at 1)", name)
+        ds_train = dataclasses.replace(train, gradient_accumulation_steps=self.accumulation, global_batch_size=0)
+        self.start_deepspeed(policy, policy.model, ds_train, self.optimizer_steps_total)
+        self.collate = PromptCollator(policy.model.processor, max_image_pixels)
+        self.tokenizer = policy.model.processor.tokenizer
         self.kl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target if ppo.adaptive_kl else None, ppo.kl_horizon)
-        self.step = 0
         self.optimizer_steps = 0
-        self.last_checkpoint: Path | None = None
 
-    # -- helpers ---------------------------------------------------------------------------------
     @property
     def model(self):
         return self.policy.model
 
-    @property
-    def metrics_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
-
-    def gather(self, params: list[torch.nn.Parameter]):
-        """Context in which ZeRO-3 parameters are whole on every rank (exports). Collective."""
-        return ckpt.gather(params)
-
-    def barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
-
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        device = self.engine.device
-        return {k: v.to(device, self.dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
-
+    # -- rollouts and rewards --------------------------------------------------------------------
     def _generate(self, rows: list[dict[str, Any]], do_sample: bool) -> Rollout:
-        batch = self._to_device(self.collate(rows))
+        batch = self.to_device(self.collate(rows))
         spec = self.rollout_spec
         synced = self.zero_stage == 3 and self.world > 1
         with self.gather(self._direct_params):
@@ -302,15 +245,22 @@ class PPOTrainer:
         return self.reward([r["question"] for r in rows], texts, [r["label"] for r in rows],
                            [classifier_task(r["task"] or None) for r in rows])
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = all_reduce(torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0]), dist.ReduceOp.MAX)
-        if bad.item():
-            where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
-                     else "no checkpoint was written before it")
-            raise TrainingDiverged(f"{self.name}: loss is {loss.item()} (NaN/inf on at least one process) at step "
-                                   f"{self.step + 1}; stopping, {where}")
-
     # -- one PPO step ----------------------------------------------------------------------------
+    def _train_steps(self) -> Iterator[dict[str, Any]]:
+        while self.step < self.total_steps:
+            step_started = time.time()
+            row = self.train_step()
+            self.step += 1
+            row["step_s"] = time.time() - step_started         # rollout + judging + PPO epochs
+            yield row
+
+    def _postfix(self, row: dict[str, Any]) -> dict[str, str]:
+        return {"reward": f"{row['reward']:.3f}", "acc": f"{row['accuracy']:.2f}", "kl": f"{row['kl']:.3f}",
+                "ent": f"{row['entropy']:.2f}"}
+
+    def _throughput(self, elapsed: float, steps: int) -> dict[str, float]:
+        return {"mean_step_s": elapsed / steps if steps else 0.0}
+
     def train_step(self) -> dict[str, float]:
         start = time.time()
         spec, ppo = self.rollout_spec, self.ppo
@@ -334,8 +284,8 @@ class PPOTrainer:
         update = self._update(rollout, scored, advantages.detach(), returns.detach(), mask)
 
         seq_kl = kl.sum(dim=1)
-        safe = torch.tensor([r["label"] == "Safe" for r in rows])
-        unsafe = torch.tensor([r["label"] == "Unsafe" for r in rows])
+        safe = torch.tensor([r["label"] == SAFE for r in rows])
+        unsafe = torch.tensor([r["label"] == UNSAFE for r in rows])
         correct = judged.correct.float()
         sums = {
             "reward": (judged.scores.sum(), len(rows)),
@@ -360,9 +310,9 @@ class PPOTrainer:
     def _update(self, rollout: Rollout, scored: dict[str, torch.Tensor], advantages: torch.Tensor,
                 returns: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
         """PPO epochs over one rollout; early stop when the global approx KL exceeds target_kl."""
-        ppo, micro = self.ppo, self.train_cfg.micro_batch_size
+        ppo, micro = self.ppo, self.cfg.micro_batch_size
         temperature = self.rollout_spec.temperature
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        gen = torch.Generator().manual_seed(self.seed * SEED_STRIDE + self.step)
         n = rollout.response.shape[0]
         totals: dict[str, list[float]] = {}
         updates, stopped, last_kl = 0, False, 0.0
@@ -386,9 +336,8 @@ class PPOTrainer:
             if stopped:
                 break
         means = global_means({k: (sum(v), len(v)) for k, v in totals.items()})
-        grad_norm = self.engine.get_global_grad_norm()
         return {**means, "optimizer_steps": updates, "early_stopped": float(stopped), "last_approx_kl": last_kl,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+                "grad_norm": self.grad_norm()}
 
     def _micro_step(self, sub: Rollout, scored: dict[str, torch.Tensor], idx: torch.Tensor, advantages: torch.Tensor,
                     returns: torch.Tensor, mask: torch.Tensor, temperature: float) -> dict[str, float]:
@@ -401,70 +350,23 @@ class PPOTrainer:
         vf = value_loss(out["values"].float(), scored["values"][idx], returns[idx], m, self.ppo.value_clip)
         entropy = masked_mean(entropy_from_logits(logits), m)
         loss = pg + self.ppo.vf_coef * vf - self.ppo.entropy_coef * entropy
-        self._check_finite(loss)
-        self.engine.backward(loss)
-        self.engine.step()
+        self.backward_step(loss)
         return {"loss": loss.item(), "pg_loss": pg.item(), "vf_loss": vf.item(), "update_entropy": entropy.item(),
                 "clipfrac": stats["clipfrac"].item(), "approx_kl": stats["approx_kl"].item()}
-
-    # -- the loop --------------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
-        """Run PPO to `total_steps`; returns the last step's metrics and the wall time."""
-        from tqdm import tqdm
-
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, dynamic_ncols=True,
-                   disable=not (is_main() and self.train_cfg.progress))
-        last: dict[str, Any] = {}
-        started, start_step = time.time(), self.step
-        while self.step < self.total_steps:
-            step_started = time.time()
-            last = self.train_step()
-            self.step += 1
-            last["step_s"] = time.time() - step_started         # rollout + judging + PPO epochs
-            last["elapsed_s"] = time.time() - started
-            last.update(gpu_memory())
-            bar.update(1)
-            bar.set_postfix(reward=f"{last['reward']:.3f}", acc=f"{last['accuracy']:.2f}", kl=f"{last['kl']:.3f}",
-                            ent=f"{last['entropy']:.2f}")
-            if is_main() and (self.step % self.train_cfg.log_every == 0 or self.step == self.total_steps):
-                with self.metrics_path.open("a") as fh:
-                    fh.write(json.dumps(last) + "\n")
-            if self.train_cfg.save_every and self.step % self.train_cfg.save_every == 0:
-                self.save(last["loss"])
-        bar.close()
-        elapsed = time.time() - started
-        return {**last, "steps": self.step, "seconds": round(elapsed, 2), "processes": self.world,
-                "mean_step_s": elapsed / (self.step - start_step) if self.step > start_step else 0.0}
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _layout(self) -> dict[str, Any]:
         return {"world_size": self.world, "zero_stage": self.zero_stage, "rollout_batch_size": self.rollout_spec.batch_size,
-                "micro_batch_size": self.train_cfg.micro_batch_size, "accumulation": self.accumulation,
+                "micro_batch_size": self.cfg.micro_batch_size, "accumulation": self.accumulation,
                 "total_steps": self.total_steps}
 
-    def save(self, loss: float) -> Path:
-        state = {**self._layout(), "loss": loss, "kl_coef": self.kl.value, "optimizer_steps": self.optimizer_steps}
-        self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, self.step, self.engine.module, self.optimizer,
-                                                    self.scheduler, state, keep=self.train_cfg.keep_checkpoints)
-        return self.last_checkpoint
+    def _checkpoint_state(self, loss: float) -> dict[str, Any]:
+        return {"loss": loss, "kl_coef": self.kl.value, "optimizer_steps": self.optimizer_steps}
 
-    def resume(self) -> bool:
-        """Load the latest checkpoint of run_dir, if any (weights, optimizer, schedule, RNG, KL coefficient)."""
-        loaded = load_latest_checkpoint(self.run_dir, self.name, self.engine.module, self.optimizer, self.scheduler,
-                                        self._layout())
-        if loaded is None:
-            return False
-        path, state = loaded
-        self.step = state["step"]
+    def _restore(self, state: dict[str, Any]) -> None:
         self.optimizer_steps = state["optimizer_steps"]
         self.kl.value = state["kl_coef"]
         self.engine.global_steps = self.optimizer_steps
-        self.last_checkpoint = path
-        truncate_metrics(self.metrics_path, self.step)
-        if is_main():
-            log.warning("%s: resumed from %s (step %d of %d)", self.name, path, self.step, self.total_steps)
-        return True
 
     # -- evaluation and export -------------------------------------------------------------------
     @torch.no_grad()
@@ -473,34 +375,28 @@ class PPOTrainer:
         false refusals (safe images judged Unsafe). Rows are sharded over ranks; every rank runs the
         same number of batches (ZeRO-3)."""
         size = batch_size or self.rollout_spec.batch_size
-        mine = list(range(self.rank, len(rows), self.world))
-        per_rank = math.ceil(len(rows) / self.world)
-        weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
-        mine = mine + [0] * (per_rank - len(mine))
         sums: dict[str, list[float]] = {}
-        self.engine.eval()
-        for i in range(0, per_rank, size):
-            chunk = [rows[j] for j in mine[i:i + size]]
-            w = torch.tensor(weights[i:i + size])
-            rollout = self._generate(chunk, do_sample=False)
-            judged = self._judge(chunk, rollout.texts)
-            safe = torch.tensor([r["label"] == "Safe" for r in chunk]).float() * w
-            unsafe = torch.tensor([r["label"] == "Unsafe" for r in chunk]).float() * w
-            correct = judged.correct.float()
-            refused = torch.tensor([p == "Unsafe" for p in judged.predicted]).float()
-            for key, (num, den) in {
-                "reward": ((judged.scores * w).sum(), w.sum()),
-                "log_prob_correct": ((judged.log_prob * w).sum(), w.sum()),
-                "accuracy": ((correct * w).sum(), w.sum()),
-                "accuracy_safe": ((correct * safe).sum(), safe.sum()),
-                "accuracy_unsafe": ((correct * unsafe).sum(), unsafe.sum()),
-                "false_refusal": ((refused * safe).sum(), safe.sum()),
-                "response_length": ((rollout.response_mask.sum(1).float().cpu() * w).sum(), w.sum()),
-            }.items():
-                acc = sums.setdefault(key, [0.0, 0.0])
-                acc[0] += float(num)
-                acc[1] += float(den)
-        self.engine.train()
+        with self.evaluating():
+            for indices, w in self.shard_batches(len(rows), size):
+                chunk = [rows[j] for j in indices]
+                rollout = self._generate(chunk, do_sample=False)
+                judged = self._judge(chunk, rollout.texts)
+                safe = torch.tensor([r["label"] == SAFE for r in chunk]).float() * w
+                unsafe = torch.tensor([r["label"] == UNSAFE for r in chunk]).float() * w
+                correct = judged.correct.float()
+                refused = torch.tensor([p == UNSAFE for p in judged.predicted]).float()
+                for key, (num, den) in {
+                    "reward": ((judged.scores * w).sum(), w.sum()),
+                    "log_prob_correct": ((judged.log_prob * w).sum(), w.sum()),
+                    "accuracy": ((correct * w).sum(), w.sum()),
+                    "accuracy_safe": ((correct * safe).sum(), safe.sum()),
+                    "accuracy_unsafe": ((correct * unsafe).sum(), unsafe.sum()),
+                    "false_refusal": ((refused * safe).sum(), safe.sum()),
+                    "response_length": ((rollout.response_mask.sum(1).float().cpu() * w).sum(), w.sum()),
+                }.items():
+                    acc = sums.setdefault(key, [0.0, 0.0])
+                    acc[0] += float(num)
+                    acc[1] += float(den)
         return global_means({k: (v[0], v[1]) for k, v in sums.items()})
 
     def value_head_tensors(self) -> dict[str, torch.Tensor]:
