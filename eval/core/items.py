@@ -7,11 +7,11 @@ UnsafeConcepts, RTVLM and the general-capability sets; each benchmark module onl
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from safety_modules.fileio import CorruptFileError, iter_jsonl
 from safety_modules.labels import ALIGNMENT, PERCEPTION
 
 BLANK = "<blank>"   # the protocol's blank white image (text-only questions), rendered by the runner
@@ -46,17 +46,13 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    try:
+        for lineno, record in iter_jsonl(path):
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             yield lineno, record
+    except CorruptFileError as exc:
+        raise DataError(str(exc)) from None
 
 
 def require(record: dict, key: str, types: type | tuple[type, ...], where: str):
