@@ -4,7 +4,9 @@ Why: the per-family proofs (equivalence with the unchanged model, generation, tr
 run on CPU in seconds without a download. Each builder makes the family's real model class, a
 byte-level BPE tokenizer trained locally (with the family's special tokens) and the family's real
 processor with a small chat template in the family's own format. Nothing in the model layer imports
-this module; `base_models.loading` builds `tiny-<family>` through it on demand.
+this module; `base_models.loading` builds `tiny-<family>` through it on demand. Each builder imports
+its family's transformers classes itself: importing the modeling code of all eleven families costs
+far more than the one a run builds.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from safety_modules.processors import pixtral_processor_class, without_video
 from base_models.tiny import build_tiny_llava, build_tiny_tokenizer
+from safety_modules.processors import pixtral_processor_class, without_video
 
 TEXT_HIDDEN = 64
 TEXT_LAYERS = 2
