@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 # -- one training run ------------------------------------------------------------------------------
 CONFIG_FILE = "config.json"            # the resolved config a run was started with
@@ -23,6 +24,7 @@ SUMMARY_FILE = "summary.json"          # what a finished training run reports
 BEFORE_FILE = "before.json"            # metrics of the untrained model (a resumed run reports the true start)
 METRICS_FILE = "metrics.jsonl"         # one line per logged optimizer step
 TENSORBOARD_DIR = "tensorboard"
+CHECKPOINTS_DIR = "checkpoints"        # the engine's resumable checkpoints (training/checkpoint.py names what is inside)
 ADAPTER_DIR = "adapter"                # safety modules (+ LoRA) as an adapter folder
 MODEL_DIR = "model"                    # a whole model (stage 0 of the tiny default)
 VALUE_HEAD_FILE = "value_head.safetensors"   # PPO's critic, kept out of the adapter
@@ -31,6 +33,8 @@ SWEEP_FILE = "sweep.json"
 SELECTION_FILE = "selection.json"      # the pipeline's choice on the validation split, every trial's score
 TRIALS_DIR = "trials"                  # one sub-folder per selection trial
 VALIDATION_EVAL_DIR = "eval_validation"   # a trial's evaluation on the validation split
+VALIDATION_FILE = "validation.json"    # a trial's validation numbers (the selection criterion's inputs)
+REFERENCE_LOGPS_FILE = "reference_logps.safetensors"   # DPO's reference log-probabilities, computed once
 
 # -- a pipeline run --------------------------------------------------------------------------------
 DONE_FILE = "DONE.json"                # a finished stage's marker (and its summary)
@@ -57,6 +61,18 @@ RTVLM_PLOT_FILE = "rtvlm_subtasks.png"
 MME_PLOT_FILE = "mme.png"
 HUB_DATA_DIR = "hub_data"              # the gated hub data set, downloaded as a data folder
 
+# -- a comparison report (a run's `report` stage, a study's report) --------------------------------
+REPORT_CSV_FILE = "report.csv"
+COMPARISON_FIGURE_PREFIX = "comparison_"   # comparison_<split>.png: one bar chart per split
+STUDY_JSON_FILE = "study.json"
+STUDY_CSV_FILE = "study.csv"
+STUDY_FIGURE_FILE = "study.png"
+TIMING_FILE = "timing.json"            # the study's seconds, in total and per seed
+
+# -- a study (`safevlm study`: the whole run once per seed, one report with intervals) -------------
+SEED_DIR_PREFIX = "seed-"              # seed-<s>: one run folder per seed
+STUDY_DIR = "study"                    # a study's default folder, inside the run folder of its config
+
 # -- several evaluations side by side (`safevlm report --runs ... --out DIR`) -----------------------
 COMPARISON_JSON_FILE = "summary.json"
 COMPARISON_CSV_FILE = "summary.csv"
@@ -72,162 +88,98 @@ WORLD_FILE = "world.json"                              # how the concept world w
 IMAGES_DIR = "images"                                  # the concept world's renders
 
 
+class _Under:
+    """A path under a layout's root, named once as a class attribute (`summary = _Under(SUMMARY_FILE)`)."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    @overload
+    def __get__(self, layout: None, owner: type) -> _Under: ...
+    @overload
+    def __get__(self, layout: _Layout, owner: type) -> Path: ...
+    def __get__(self, layout: _Layout | None, owner: type) -> _Under | Path:
+        return self if layout is None else layout.root.joinpath(*self.parts)
+
+
 @dataclass(frozen=True)
-class StageLayout:
-    """The folder of one training run."""
+class _Layout:
+    """A folder whose paths are named under `root` (given as a str or a Path, kept as a Path)."""
 
     root: Path
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG_FILE
 
-    @property
-    def summary(self) -> Path:
-        return self.root / SUMMARY_FILE
+@dataclass(frozen=True)
+class StageLayout(_Layout):
+    """The folder of one training run."""
 
-    @property
-    def before(self) -> Path:
-        return self.root / BEFORE_FILE
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS_FILE
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.root / TENSORBOARD_DIR
-
-    @property
-    def adapter(self) -> Path:
-        return self.root / ADAPTER_DIR
-
-    @property
-    def model(self) -> Path:
-        return self.root / MODEL_DIR
-
-    @property
-    def value_head(self) -> Path:
-        return self.root / VALUE_HEAD_FILE
-
-    @property
-    def sweep(self) -> Path:
-        return self.root / SWEEP_FILE
+    config = _Under(CONFIG_FILE)
+    summary = _Under(SUMMARY_FILE)
+    before = _Under(BEFORE_FILE)
+    metrics = _Under(METRICS_FILE)
+    tensorboard = _Under(TENSORBOARD_DIR)
+    checkpoints = _Under(CHECKPOINTS_DIR)
+    adapter = _Under(ADAPTER_DIR)
+    model = _Under(MODEL_DIR)
+    value_head = _Under(VALUE_HEAD_FILE)
+    sweep = _Under(SWEEP_FILE)
+    selection = _Under(SELECTION_FILE)
+    validation_eval = _Under(VALIDATION_EVAL_DIR)
+    validation = _Under(VALIDATION_FILE)
+    reference_logps = _Under(REFERENCE_LOGPS_FILE)
+    done = _Under(DONE_FILE)
 
     def sweep_trial(self, name: str) -> Path:
         return self.root / SWEEP_DIR / name
 
-    @property
-    def selection(self) -> Path:
-        return self.root / SELECTION_FILE
-
-    def trial(self, name: str) -> "StageLayout":
+    def trial(self, name: str) -> StageLayout:
         return StageLayout(self.root / TRIALS_DIR / name)
-
-    @property
-    def validation_eval(self) -> Path:
-        return self.root / VALIDATION_EVAL_DIR
-
-    @property
-    def done(self) -> Path:
-        return self.root / DONE_FILE
 
 
 @dataclass(frozen=True)
-class DataLayout:
+class DataLayout(_Layout):
     """A data folder: UnsafeConcepts-layout files plus `records/<stage>.jsonl`."""
 
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
+    records_dir = _Under(RECORDS_DIR)
+    download = _Under(DOWNLOAD_FILE)
+    metadata = _Under(METADATA_FILE)
+    perception = _Under(PERCEPTION_FILE)
+    world = _Under(WORLD_FILE)
+    images = _Under(IMAGES_DIR)
 
     def records(self, name: str) -> Path:
         """The records file of a stage or split (`records/<name>.jsonl`)."""
         return self.root / RECORDS_DIR / f"{name}.jsonl"
 
-    @property
-    def records_dir(self) -> Path:
-        return self.root / RECORDS_DIR
-
-    @property
-    def download(self) -> Path:
-        return self.root / DOWNLOAD_FILE
-
-    @property
-    def metadata(self) -> Path:
-        return self.root / METADATA_FILE
-
-    @property
-    def perception(self) -> Path:
-        return self.root / PERCEPTION_FILE
-
-    @property
-    def world(self) -> Path:
-        return self.root / WORLD_FILE
-
-    @property
-    def images(self) -> Path:
-        return self.root / IMAGES_DIR
-
 
 @dataclass(frozen=True)
-class EvalLayout:
+class EvalLayout(_Layout):
     """The output folder of one evaluation."""
 
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def results(self) -> Path:
-        return self.root / RESULTS_FILE
-
-    @property
-    def responses(self) -> Path:
-        return self.root / RESPONSES_FILE
-
-    @property
-    def report(self) -> Path:
-        return self.root / EVAL_REPORT_FILE
-
-    @property
-    def cache(self) -> Path:
-        return self.root / CACHE_FILE
-
-    @property
-    def metrics_csv(self) -> Path:
-        return self.root / METRICS_CSV_FILE
-
-    @property
-    def table_csv(self) -> Path:
-        return self.root / TABLE_CSV_FILE
-
-    @property
-    def judge_check(self) -> Path:
-        return self.root / JUDGE_CHECK_FILE
-
-    @property
-    def hub_data(self) -> Path:
-        return self.root / HUB_DATA_DIR
+    results = _Under(RESULTS_FILE)
+    responses = _Under(RESPONSES_FILE)
+    report = _Under(EVAL_REPORT_FILE)
+    cache = _Under(CACHE_FILE)
+    metrics_csv = _Under(METRICS_CSV_FILE)
+    table_csv = _Under(TABLE_CSV_FILE)
+    judge_check = _Under(JUDGE_CHECK_FILE)
+    hub_data = _Under(HUB_DATA_DIR)
 
 
 @dataclass(frozen=True)
-class RunLayout:
+class RunLayout(_Layout):
     """A `safevlm run` folder (`run_dir` of a run YAML)."""
 
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG_FILE
+    config = _Under(CONFIG_FILE)
+    classifiers = _Under(CLASSIFIERS_DIR)
+    reward_classifier = _Under(CLASSIFIERS_DIR, REWARD_CLASSIFIER)
+    judge_classifier = _Under(CLASSIFIERS_DIR, JUDGE_CLASSIFIER)
+    report = _Under(REPORT_DIR)
+    export = _Under(EXPORT_DIR)
+    study = _Under(STUDY_DIR)
 
     def stage(self, name: str) -> StageLayout:
         """The folder of stage `name` (a training stage, an evaluation, the world, ...)."""
@@ -246,18 +198,6 @@ class RunLayout:
         return DataLayout(Path(data_dir)) if data_dir else self.world_data
 
     @property
-    def classifiers(self) -> Path:
-        return self.root / CLASSIFIERS_DIR
-
-    @property
-    def reward_classifier(self) -> Path:
-        return self.classifiers / REWARD_CLASSIFIER
-
-    @property
-    def judge_classifier(self) -> Path:
-        return self.classifiers / JUDGE_CLASSIFIER
-
-    @property
     def base_model(self) -> Path:
         """The tiny base that stage 0 pretrains (the base of every adapter of a tiny run)."""
         return self.stage("stage0").model
@@ -271,10 +211,36 @@ class RunLayout:
         """The evaluation of `variant` (base, stage2, ppo, ...) on `split`."""
         return EvalLayout(self.root / self.eval_stage(variant) / split)
 
-    @property
-    def report(self) -> Path:
-        return self.root / REPORT_DIR
+
+@dataclass(frozen=True)
+class ReportLayout(_Layout):
+    """A comparison report's folder: a run's `report` stage, or a study's report."""
+
+    results = _Under(RESULTS_FILE)
+    markdown = _Under(EVAL_REPORT_FILE)
+    csv = _Under(REPORT_CSV_FILE)
+    study_json = _Under(STUDY_JSON_FILE)
+    study_csv = _Under(STUDY_CSV_FILE)
+    study_figure = _Under(STUDY_FIGURE_FILE)
+    timing = _Under(TIMING_FILE)
+
+    @staticmethod
+    def figure_name(split: str) -> str:
+        """The file name of a split's bar chart (the Markdown links it by name)."""
+        return f"{COMPARISON_FIGURE_PREFIX}{split}.png"
+
+    def figure(self, split: str) -> Path:
+        return self.root / self.figure_name(split)
+
+
+@dataclass(frozen=True)
+class StudyLayout(_Layout):
+    """A `safevlm study` folder: one run folder per seed and the study's report."""
 
     @property
-    def export(self) -> Path:
-        return self.root / EXPORT_DIR
+    def report(self) -> ReportLayout:
+        return ReportLayout(self.root / REPORT_DIR)
+
+    def seed(self, seed: int) -> RunLayout:
+        """The run folder of one seed (`seed-<s>`)."""
+        return RunLayout(self.root / f"{SEED_DIR_PREFIX}{seed}")

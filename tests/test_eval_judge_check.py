@@ -23,6 +23,8 @@ from safety_modules.labels import NA
 from safevlm.cli import main
 from response_classifier.rules import rule_based_label
 
+from report_fixtures import write_uc_folder
+
 CONCEPTS = [("Swastika", "Hate"), ("Knife attacks", "Violence"), ("Burglary", "Illegal activity"),
             ("Nudity in public", "Sexual")]
 
@@ -30,21 +32,8 @@ CONCEPTS = [("Swastika", "Hate"), ("Knife attacks", "Violence"), ("Burglary", "I
 @pytest.fixture
 def uc_folder(tmp_path) -> Path:
     """Four concepts x 3 images in the published layout, with perception options."""
-    root = tmp_path / "uc"
-    (root / "images").mkdir(parents=True)
-    meta, perception = [], []
-    names = [c for c, _ in CONCEPTS]
-    for i in range(12):
-        concept, category = CONCEPTS[i % 4]
-        Image.new("RGB", (8, 8), (20 * i, 40, 90)).save(root / f"images/{i}.png")
-        row = {"image_filename": f"images/{i}.png", "category": category, "unsafe_concept": concept}
-        options = [concept] + [n for n in names if n != concept]
-        meta.append(row)
-        perception.append({**row, "option_str": " \n".join(f"{l}: {o}" for l, o in zip("ABCD", options)),
-                           "correct_option": "A"})
-    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in meta))
-    (root / "perception_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in perception))
-    return root
+    rows = [{"category": category, "unsafe_concept": concept} for concept, category in CONCEPTS * 3]
+    return write_uc_folder(tmp_path / "uc", rows, names=[c for c, _ in CONCEPTS])
 
 
 def test_labeller_accuracy_on_labelled_answers_is_what_the_labeller_gives(uc_folder):

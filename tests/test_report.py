@@ -17,30 +17,18 @@ from eval.core.metrics import RTVLM_SUBTASKS, mme_scores, rtvlm_scores
 from eval.report import compare_runs, environment_line, headline, write_results
 from safevlm.cli import main
 
+from report_fixtures import write_uc_folder
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
 def uc_folder(tmp_path) -> Path:
     """Two unsafe concepts in two categories and one safe concept, two images each."""
-    root = tmp_path / "uc"
-    (root / "images").mkdir(parents=True)
     concepts = [("Swastika", "Hate", False), ("Knife attacks", "Violence", False), ("apple", "Safe", True)]
-    names = [c for c, _, _ in concepts] + ["teapot"]
-    meta, perc = [], []
-    for i in range(6):
-        concept, category, safe = concepts[i // 2]
-        rel = f"images/{i}.png"
-        Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(root / rel)
-        row = {"image_filename": rel, "category": category, "unsafe_concept": concept, "is_safe": safe,
-               "split": "heldout_render"}
-        options = [concept] + [n for n in names if n != concept][:3]
-        meta.append(row)
-        perc.append({**row, "option_str": " \n".join(f"{l}: {o}" for l, o in zip("ABCD", options)),
-                     "correct_option": "A"})
-    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in meta))
-    (root / "perception_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in perc))
-    return root
+    rows = [{"category": category, "unsafe_concept": concept, "is_safe": safe, "split": "heldout_render"}
+            for concept, category, safe in concepts for _ in range(2)]
+    return write_uc_folder(tmp_path / "uc", rows, names=[c for c, _, _ in concepts] + ["teapot"])
 
 
 def _uc_results(root: Path, image_answer: str, rows=None) -> tuple[dict, list]:

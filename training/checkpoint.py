@@ -47,12 +47,12 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from runtime.distributed import import_deepspeed
+from runtime.layout import StageLayout
 from safety_modules.fileio import CorruptFileError, FileWriteError, read_json, write_file, write_text_atomic
 from training.collectives import any_process
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 TRAINABLE = "trainable.safetensors"
 STATE = "state.json"
@@ -73,7 +73,7 @@ class NonFiniteCheckpoint(CheckpointError):
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
+    return StageLayout(run_dir).checkpoints
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
