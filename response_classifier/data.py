@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable
 
 from safety_modules.fileio import iter_jsonl
-from safety_modules.labels import ALIGNMENT, NA, OPTIONS, PERCEPTION, TASK_LABELS, TASKS, VERDICTS
+from safety_modules.labels import NA, OPTIONS, TASK_LABELS, TASKS, VERDICTS
 
 # The model's output units, in order; a task's labels are a subset (masking selects them).
 LABELS: tuple[str, ...] = (*VERDICTS, *OPTIONS, NA)

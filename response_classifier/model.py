@@ -29,8 +29,9 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from response_classifier.data import LABELS, TASK_LABELS, check_task, option_mentions
 from safety_modules.fileio import write_json_atomic
-from response_classifier.data import LABELS, PERCEPTION, TASK_LABELS, check_task, option_mentions
+from safety_modules.labels import PERCEPTION
 
 logger = logging.getLogger(__name__)
 

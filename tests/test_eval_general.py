@@ -27,8 +27,8 @@ def mme_folders(tmp_path) -> Path:
         _img(root / "existence" / "images" / f"{i}.png", 40 * i)
         qa = root / "existence" / "questions_answers_YN" / f"{i}.txt"
         qa.parent.mkdir(parents=True, exist_ok=True)
-        qa.write_text(f"Is there a dog in the image? Please answer yes or no.\tYes\n"
-                      f"Is there a cat in the image? Please answer yes or no.\tNo\n")
+        qa.write_text("Is there a dog in the image? Please answer yes or no.\tYes\n"
+                      "Is there a cat in the image? Please answer yes or no.\tNo\n")
     _img(root / "count" / "0.jpg")
     (root / "count" / "0.txt").write_text("Are there two apples?\tyes\nAre there three apples?\tno\n")
     return root
