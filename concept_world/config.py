@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from concept_world import texts
+from safety_modules.configio import ConfigError
 from safety_modules.labels import OPTIONS
 
 MIN_CONCEPTS = len(OPTIONS)   # 4-way perception needs three wrong options besides the right one
@@ -27,7 +28,7 @@ class RenderCounts:
 def _check(name: str, value, low, high=None) -> None:
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise ValueError(f"{name}: must be {bound}, got {value}")
+        raise ConfigError(f"{name}: must be {bound}, got {value}")
 
 
 @dataclass
@@ -64,7 +65,7 @@ class WorldConfig:
         _check("questions_per_image", self.questions_per_image, 1, len(texts.ALIGNMENT_PROMPTS))
         _check("perception_per_image", self.perception_per_image, 0)
         if self.concepts + self.num_safe < MIN_CONCEPTS:
-            raise ValueError(f"concepts, safe_concepts: the world needs at least {MIN_CONCEPTS} concepts for "
+            raise ConfigError(f"concepts, safe_concepts: the world needs at least {MIN_CONCEPTS} concepts for "
                              f"{MIN_CONCEPTS}-way perception, got {self.concepts + self.num_safe}")
         self.render_counts()
 
@@ -80,6 +81,6 @@ class WorldConfig:
                  if self.validation_render_fraction else 0)
         n_train = self.images_per_concept - n_eval - n_val
         if n_train < 1:
-            raise ValueError(f"images_per_concept: {self.images_per_concept} leaves no training render after "
+            raise ConfigError(f"images_per_concept: {self.images_per_concept} leaves no training render after "
                              f"{n_eval} held-out and {n_val} validation render(s)")
         return RenderCounts(train=n_train, validation=n_val, heldout=n_eval)

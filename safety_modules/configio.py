@@ -191,6 +191,11 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def replace_nested(cfg: T, overrides: dict[str, Any]) -> T:
+    """A copy of dataclass config `cfg` with nested `overrides` applied, validated like a YAML."""
+    return from_dict(type(cfg), merge(to_dict(cfg), overrides))
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:

@@ -7,8 +7,10 @@ import importlib
 import sys
 import warnings
 
+from runtime import logs
+
 # Subcommand modules under safevlm.commands, each with register(subparsers).
-COMMANDS = ["guard", "run", "study", "world", "eval", "report", "train", "sft", "dpo", "ppo", "classifier"]
+COMMANDS = ["guard", "run", "study", "world", "eval", "report", "train", "classifier"]
 BAD_INPUT = 2          # exit status of an error the user can fix (config, data, adapter, path, disk)
 
 
@@ -34,6 +36,7 @@ def error_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.configure()
     prefix = f"safevlm {args.command}"
     with warnings.catch_warnings():
         # Warnings meant for the user (e.g. an adapter on a base with other weights) as one line each.

@@ -23,45 +23,39 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
+import torch
+
+from base_models.loading import SHAPE_PREFIX, TINY_SPECS
+from base_models.shapes import SHAPES
+from concept_world import WorldConfig
+from concept_world.build import build_world
+from eval.benchmarks.safe_images import load_safe_images
+from eval.benchmarks.unsafeconcepts import load_unsafeconcepts, select_rows
+from eval.core.items import DataError
+from eval.core.models import GenerationSettings, load_runner
 from eval.headline import CRITERION, pooled, concept_cells, read_evaluation, selection_score
-from safety_modules.config import SafetyConfig
-from safety_modules.configio import ConfigError, load_config, merge, to_dict
-from safety_modules.fileio import read_json, write_json_atomic
-from safevlm.selection import SELECTION_FILE, SelectionSection, nested, reused_value, select
+from eval.pipeline import EvalConfig, run_unsafeconcepts
+from response_classifier.train import ClassifierTrainConfig, build_default
 from runtime import runlock
-from response_classifier.train import ClassifierTrainConfig
-from training.config import (ModelSpec, Stage0Section, Stage1Section, Stage2Section, data_root,
-                             default_records, stage_config)
-from training.recipes.dpo import DPOConfig, DPOSection
-from training.recipes.ppo import PPOConfig, PPOSection
-from training.recipes.sft import SFTConfig, SFTSection
+from runtime.distributed import setup, teardown
+from runtime.layout import CLASSIFIERS_DIR, EVAL_PREFIX, EXPORT_DIR, REPORT_DIR, WORLD_STAGE, RunLayout
+from safety_modules.config import SafetyConfig
+from safety_modules.configio import ConfigError, load_config, merge, replace_nested, to_dict
+from safety_modules.fileio import read_json, write_json_atomic
+from safevlm.selection import SelectionSection, nested, reused_value, select
+from safevlm.summary import BASE_VARIANT, write_pipeline_report
+from training.checkpoint import latest_checkpoint
+from training.config import INIT_FROM_BASE_STAGE, ModelSpec, default_records
+from training.recipes.registry import RECIPES, Recipe, exporting_adapters, recipe
 
-# Recipes on top of stage 2, and their full config classes (built from a section by baseline_config).
-ON_TOP = {"ppo": PPOConfig, "sft": SFTConfig, "dpo": DPOConfig}
-
-
-@dataclass
-class WorldSection:
-    """Arguments of `concept_world.build.build_world` (see `safevlm world build --help`)."""
-
-    concepts: int = 18
-    images_per_concept: int = 12
-    size: int = 32
-    heldout_render_fraction: float = 0.25
-    heldout_unsafe: int | None = None  # categories that lose one concept to heldout_concept (None: up to 3)
-    heldout_safe: int | None = None
-    validation_unsafe: int = 0         # categories that lose one concept to the validation split
-    validation_safe: int = 0
-    validation_render_fraction: float = 0.0
-    questions_per_image: int = 2
-    perception_per_image: int = 2
-    metadata: str | None = None        # UnsafeConcepts metadata.jsonl for names; None: ../shared if present
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,21 +71,18 @@ class EvalSection:
 
 
 @dataclass
-class PipelineConfig:
+class RunKeys:
+    """The keys of a run YAML besides the training methods' sections (PipelineConfig adds one per
+    recipe of the registry: `stage0:`, `stage1:`, `stage2:`, `ppo:`, `sft:`, `dpo:`)."""
+
     run_dir: str = "checkpoints/tiny"
     seed: int = 0
     data_dir: str = ""                  # "": the concept world the world stage builds; else a folder in its
                                         # layout (records/<stage>.jsonl + UnsafeConcepts files), see README
     model: ModelSpec = field(default_factory=ModelSpec)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
-    world: WorldSection = field(default_factory=WorldSection)
+    world: WorldConfig = field(default_factory=WorldConfig)
     classifier: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
-    stage0: Stage0Section = field(default_factory=Stage0Section)
-    stage1: Stage1Section = field(default_factory=Stage1Section)
-    stage2: Stage2Section = field(default_factory=Stage2Section)
-    ppo: PPOSection = field(default_factory=PPOSection)
-    sft: SFTSection = field(default_factory=SFTSection)
-    dpo: DPOSection = field(default_factory=DPOSection)
     eval: EvalSection = field(default_factory=EvalSection)
     selection: SelectionSection = field(default_factory=SelectionSection)
 
@@ -100,9 +91,14 @@ class PipelineConfig:
         return Path(self.run_dir)
 
     @property
+    def layout(self) -> RunLayout:
+        """Every path of the run folder."""
+        return RunLayout(self.run_dir)
+
+    @property
     def data_root(self) -> Path:
         """Where the stages' records are: `data_dir`, else the concept world."""
-        return data_root(self.root, self.data_dir)
+        return self.layout.data(self.data_dir).root
 
     @property
     def eval_data(self) -> Path:
@@ -112,13 +108,22 @@ class PipelineConfig:
     @property
     def pretrains_base(self) -> bool:
         """Stage 0 runs for the tiny models only: they know nothing before it; a real base does."""
-        from base_models.loading import TINY_SPECS
         return self.model.path in TINY_SPECS
 
     @property
     def base_model(self) -> str:
         """The model every adapter of the run sits on (and the one `eval_base` evaluates)."""
-        return str(self.root / "stage0" / "model") if self.pretrains_base else self.model.path
+        return str(self.layout.base_model) if self.pretrains_base else self.model.path
+
+    def section(self, method: str):
+        """The run YAML's section of training method `method`."""
+        return getattr(self, method)
+
+
+# A run YAML: the run-wide keys plus one section per training method of the registry.
+PipelineConfig = make_dataclass(
+    "PipelineConfig", [(r.name, r.section_class, field(default_factory=r.section_class)) for r in RECIPES.values()],
+    bases=(RunKeys,), namespace={"__module__": __name__, "__doc__": RunKeys.__doc__})
 
 
 @dataclass
@@ -132,16 +137,13 @@ class Stage:
 
 # -- stage functions -------------------------------------------------------------------------------
 def _world(cfg: PipelineConfig, out: Path) -> dict:
-    from concept_world import WorldConfig
-    from concept_world.build import build_world
-    if (out / "data").exists():
-        shutil.rmtree(out / "data")           # a half-written world from an interrupted run
-    return build_world(out / "data", WorldConfig(**dataclasses.asdict(cfg.world)), cfg.seed)
+    world = cfg.layout.world_data.root
+    if world.exists():
+        shutil.rmtree(world)                  # a half-written world from an interrupted run
+    return build_world(world, cfg.world, cfg.seed)
 
 
 def _classifiers(cfg: PipelineConfig, out: Path) -> dict:
-    import torch
-    from response_classifier.train import build_default
     reports = build_default(out, dataclasses.replace(cfg.classifier, seed=cfg.classifier.seed + cfg.seed),
                             device="cuda" if torch.cuda.is_available() else "cpu")
     return {name: {k: v for k, v in rep.items() if k != "errors"} for name, rep in reports.items()}
@@ -149,77 +151,52 @@ def _classifiers(cfg: PipelineConfig, out: Path) -> dict:
 
 def records_file(cfg: PipelineConfig, stage: str) -> Path:
     """A training stage's records: its `data.train`, else `<data>/records/<stage>.jsonl`."""
-    section = getattr(cfg, stage)
+    section = cfg.section(stage)
     return Path(section.data.train) if section.data.train else default_records(cfg.root, cfg.data_dir, stage)
 
 
-def _with_records(section, stage: str, cfg: PipelineConfig):
-    """The stage section with its records file resolved (see `records_file`)."""
-    data = dataclasses.replace(section.data, train=str(records_file(cfg, stage)))
-    return dataclasses.replace(section, data=data)
-
-
 def _recipe_config(cfg: PipelineConfig, stage: str):
-    """The recipe config of a training stage of the run, writing into `<run_dir>/<stage>`."""
-    section = _with_records(getattr(cfg, stage), stage, cfg)
-    if stage == "stage1" and not section.eval_files:
+    """The recipe config of a training stage of the run, writing into `<run_dir>/<stage>`, with its
+    records file resolved (see `records_file`)."""
+    section = cfg.section(stage)
+    section = dataclasses.replace(section, data=dataclasses.replace(section.data, train=str(records_file(cfg, stage))))
+    if hasattr(section, "eval_files") and not section.eval_files:
         # the head's accuracy on the evaluation splits, where the data has their records
         held = [default_records(cfg.root, cfg.data_dir, split) for split in cfg.eval.splits]
         section = dataclasses.replace(section, eval_files=[str(p) for p in held if p.is_file()])
-    if stage in ON_TOP:
-        from training.recipes.baselines import baseline_config
-        return baseline_config(ON_TOP[stage], section, run_dir=cfg.root / stage, seed=cfg.seed, model=cfg.model)
-    return stage_config(stage, section, run_dir=cfg.root, seed=cfg.seed, model=cfg.model, safety=cfg.safety)
+    return recipe(stage).config_for_run(section, run_root=cfg.root, seed=cfg.seed, model=cfg.model,
+                                        safety=cfg.safety)
 
 
-def _pinned_inputs(stage: str, recipe_cfg) -> dict:
-    """The recipe's starting model and adapter as absolute settings, so a trial trained in another
-    folder starts from this run's models (their defaults are relative to `run_dir`)."""
-    from training.config import resolve_adapter_path, resolve_base_path
-    from training.recipes.baselines import baseline_base, stage2_adapter_path
-    if stage in ON_TOP:
-        pinned = {"adapter": str(stage2_adapter_path(recipe_cfg)),
-                  "init_from": baseline_base(recipe_cfg).path if recipe_cfg.init_from else ""}
-        if stage == "ppo":
-            from training.recipes.ppo import classifier_path
-            pinned["classifier"] = str(classifier_path(recipe_cfg))
-        return pinned
-    return {"adapter": str(resolve_adapter_path(recipe_cfg)), "init_from": resolve_base_path(recipe_cfg)}
-
-
-def _train(stage: str, recipe_cfg, overrides: dict | None = None) -> dict:
-    """Run the recipe of `stage` (resuming an interrupted attempt in its folder)."""
-    import importlib
-    from training.checkpoint import latest_checkpoint
-    from training.recipes import RECIPES
-    from training.recipes.baselines import with_overrides
+def _train(method: Recipe, recipe_cfg, overrides: dict | None = None) -> dict:
+    """Run the recipe (resuming an interrupted attempt in its folder)."""
     if overrides:
-        recipe_cfg = with_overrides(recipe_cfg, overrides)
-    module, fn = RECIPES[stage].split(":")
+        recipe_cfg = replace_nested(recipe_cfg, overrides)
     resume = latest_checkpoint(Path(recipe_cfg.run_dir)) is not None      # an interrupted earlier attempt
-    return getattr(importlib.import_module(module), fn)(recipe_cfg, resume=resume)
+    return method.run_function(recipe_cfg, resume=resume)
 
 
-def _stage_runner(stage: str) -> Callable[[PipelineConfig, Path], dict]:
+def _stage_runner(method: Recipe) -> Callable[[PipelineConfig, Path], dict]:
+    """A training stage: the recipe once, or one trial per value of its selection grid, the best
+    kept by its validation numbers (safevlm/selection.py)."""
     def run(cfg: PipelineConfig, out: Path) -> dict:
-        from runtime.distributed import setup
-        recipe_cfg = _recipe_config(cfg, stage)
-        trials = cfg.selection.trials(stage)
+        recipe_cfg = _recipe_config(cfg, method.name)
+        trials = cfg.selection.trials(method.name)
         if trials is None:
-            return _train(stage, recipe_cfg)
+            return _train(method, recipe_cfg)
         ctx = setup()
         if cfg.selection.reuse:
-            value = reused_value(cfg.selection.reuse, stage, trials.key)
-            summary = _train(stage, recipe_cfg, nested(trials.key, value))
-            table = {"stage": stage, "key": trials.key, "chosen": value, "criterion": CRITERION,
-                     "reused_from": str(Path(cfg.selection.reuse) / stage / SELECTION_FILE)}
+            value = reused_value(cfg.selection.reuse, method.name, trials.key)
+            summary = _train(method, recipe_cfg, nested(trials.key, value))
+            table = {"stage": method.name, "key": trials.key, "chosen": value, "criterion": CRITERION,
+                     "reused_from": str(RunLayout(cfg.selection.reuse).stage(method.name).selection)}
             if ctx.is_main:
-                write_json_atomic(out / SELECTION_FILE, table)
+                write_json_atomic(cfg.layout.stage(method.name).selection, table)
             return {**summary, "selection": table}
-        pinned = _pinned_inputs(stage, recipe_cfg)
+        pinned = recipe_cfg.pinned_inputs()     # a trial trained in its own folder starts from this run's models
 
         def train(trial_dir: Path, overrides: dict) -> dict:
-            return _train(stage, recipe_cfg, merge(merge(pinned, overrides), {"run_dir": str(trial_dir)}))
+            return _train(method, recipe_cfg, merge(merge(pinned, overrides), {"run_dir": str(trial_dir)}))
 
         def validate(adapter: Path, eval_dir: Path) -> dict:
             _evaluate_split(cfg, str(adapter), cfg.selection.split, eval_dir, tasks=VALIDATION_TASKS, ctx=ctx)
@@ -227,7 +204,7 @@ def _stage_runner(stage: str) -> Callable[[PipelineConfig, Path], dict]:
             records, labeler = read_evaluation(eval_dir)
             return pooled(concept_cells(records, labeler))
 
-        return select(stage, trials, out, train, validate, selection_score, CRITERION,
+        return select(method.name, trials, out, train, validate, selection_score, CRITERION,
                       main=ctx.is_main, barrier=ctx.barrier)
     return run
 
@@ -241,41 +218,36 @@ def _evaluate_split(cfg: PipelineConfig, adapter: str | None, split: str, out: P
                     safe_data: str | None = None) -> dict | None:
     """One UnsafeConcepts evaluation of the run's base (+ `adapter`) on `split` into `out`, judged by
     the judge classifier, with the reward classifier and the rule-based check beside it."""
-    from runtime.distributed import setup
-    from eval.core.models import GenerationSettings, load_runner
-    from eval.pipeline import EvalConfig, run_unsafeconcepts
     ctx = ctx or setup()
     runner = load_runner(cfg.base_model, adapter, device=ctx.device(), seed=cfg.model.seed,
                          image_preprocess=cfg.model.image_preprocess, conversation=cfg.model.conversation)
     ecfg = EvalConfig(generation=GenerationSettings(greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
                                                     seed=cfg.seed),
                       batch_size=cfg.eval.batch_size)
-    classifiers = cfg.root / "classifiers"
     return run_unsafeconcepts(runner, cfg.eval_data, out, split=split, protocol=protocol, safe_data=safe_data,
-                              limit=cfg.eval.limit or None, tasks=tasks, classifier=classifiers / "judge",
-                              second_classifier=classifiers / "reward", cfg=ecfg,
+                              limit=cfg.eval.limit or None, tasks=tasks, classifier=cfg.layout.judge_classifier,
+                              second_classifier=cfg.layout.reward_classifier, cfg=ecfg,
                               ctx=ctx if ctx.active else None)
 
 
-def _evaluate(adapter_of: Callable[[PipelineConfig], str | None]):
-    """An evaluation stage of one model variant on every split of `eval.splits` (on the world: the
-    held-out renders and concepts); under torchrun each rank answers its share of the items."""
+def _evaluate(variant: str | None):
+    """An evaluation stage of one model variant (None: the base; else a recipe's adapter) on every
+    split of `eval.splits` (on the world: the held-out renders and concepts); under torchrun each
+    rank answers its share of the items."""
     def run(cfg: PipelineConfig, out: Path) -> dict:
-        from runtime.distributed import setup
-        adapter = adapter_of(cfg)
+        adapter = None if variant is None else str(cfg.layout.adapter(variant))
         ctx = setup()
         summary = {"model": cfg.base_model, "adapter": adapter}
         for split in cfg.eval.splits:
             results = _evaluate_split(cfg, adapter, split, out / split, ctx=ctx, protocol=cfg.eval.protocol,
                                       safe_data=cfg.eval.safe_data or None)
-            summary[split] = str(out / split / "results.json")
+            summary[split] = str(cfg.layout.evaluation(variant or BASE_VARIANT, split).results)
             summary[f"{split}_items"] = results["data"]["n_items"] if results else 0
         return summary
     return run
 
 
 def _report(cfg: PipelineConfig, out: Path) -> dict:
-    from safevlm.summary import write_pipeline_report
     data = None if not cfg.data_dir and not cfg.eval.data else str(cfg.eval_data)    # None: the concept world
     return write_pipeline_report(cfg.root, out, cfg.eval.splits, data=data,
                                  base_name="base (stage 0)" if cfg.pretrains_base else "base")
@@ -284,8 +256,8 @@ def _report(cfg: PipelineConfig, out: Path) -> dict:
 def _export(cfg: PipelineConfig, out: Path) -> dict:
     """Copy every trained adapter into `<run_dir>/adapters/<stage>` (safetensors + configs only)."""
     exported = {}
-    for stage in ("stage1", "stage2", "ppo", "sft", "dpo"):
-        src = cfg.root / stage / "adapter"
+    for stage in exporting_adapters():
+        src = cfg.layout.adapter(stage)
         if src.is_dir():
             dst = out / stage
             if dst.exists():
@@ -299,30 +271,31 @@ def _builds_world(cfg: PipelineConfig) -> bool:
     return not cfg.data_dir
 
 
-def _adapter(stage: str) -> Callable[[PipelineConfig], str]:
-    return lambda cfg: str(cfg.root / stage / "adapter")
+def _pretrains_base(cfg: PipelineConfig) -> bool:
+    return cfg.pretrains_base
 
 
-STAGES: list[Stage] = [
-    Stage("world", "build the concept world (images, metadata, records)", _world, main_only=True,
-          wanted=_builds_world),
-    Stage("classifiers", "train the reward and judge response classifiers", _classifiers, main_only=True),
-    Stage("stage0", "pretrain the tiny LLaVA on the world (perception, text-only safety)", _stage_runner("stage0"),
-          wanted=lambda cfg: cfg.pretrains_base),
-    Stage("eval_base", "evaluate the base", _evaluate(lambda cfg: None)),
-    Stage("stage1", "train the safety modules on the frozen base", _stage_runner("stage1")),
-    Stage("stage2", "LoRA + safety tokens on LM + classification loss", _stage_runner("stage2")),
-    Stage("eval_stage2", "evaluate stage 2", _evaluate(_adapter("stage2"))),
-    Stage("ppo", "PPO with the reward classifier on top of stage 2", _stage_runner("ppo")),
-    Stage("eval_ppo", "evaluate PPO", _evaluate(_adapter("ppo"))),
-    Stage("sft", "SFT baseline on the same prompts and labels", _stage_runner("sft")),
-    Stage("eval_sft", "evaluate SFT", _evaluate(_adapter("sft"))),
-    Stage("dpo", "DPO baseline on the same prompts and labels", _stage_runner("dpo")),
-    Stage("eval_dpo", "evaluate DPO", _evaluate(_adapter("dpo"))),
-    Stage("report", "comparison report (Markdown, CSV, JSON, PNG)", _report, main_only=True),
-    Stage("adapters", "export the adapters", _export, main_only=True),
-]
-TRAINING_STAGES = ("stage0", "stage1", "stage2", "ppo", "sft", "dpo")
+def _stages() -> list[Stage]:
+    """The whole plan, from the registry: the world and the classifiers; the recipes that pretrain
+    the base, the base's evaluation; every other recipe, each followed by its evaluation when it has
+    a row in the report; the report and the export."""
+    methods = list(RECIPES.values())
+    stages = [Stage(WORLD_STAGE, "build the concept world (images, metadata, records)", _world, main_only=True,
+                    wanted=_builds_world),
+              Stage(CLASSIFIERS_DIR, "train the reward and judge response classifiers", _classifiers, main_only=True)]
+    stages += [Stage(m.name, m.help, _stage_runner(m), wanted=_pretrains_base) for m in methods if m.pretrains_base]
+    stages.append(Stage(RunLayout.eval_stage(BASE_VARIANT), "evaluate the base", _evaluate(None)))
+    for m in methods:
+        if m.pretrains_base:
+            continue
+        stages.append(Stage(m.name, m.help, _stage_runner(m)))
+        if m.report_name:
+            stages.append(Stage(RunLayout.eval_stage(m.name), f"evaluate {m.report_name}", _evaluate(m.name)))
+    return stages + [Stage(REPORT_DIR, "comparison report (Markdown, CSV, JSON, PNG)", _report, main_only=True),
+                     Stage(EXPORT_DIR, "export the adapters", _export, main_only=True)]
+
+
+STAGES: list[Stage] = _stages()
 
 
 def plan(cfg: PipelineConfig) -> list[Stage]:
@@ -334,9 +307,6 @@ def check_config(cfg: PipelineConfig, stages: list[Stage]) -> None:
     """Every mistake that can be seen before a stage runs, as a ConfigError naming the key: a model
     that cannot be loaded, `init_from: stage0` without stage 0, records or evaluation data that are
     missing (when no world stage will write them), an evaluation split the data does not have."""
-    from base_models.loading import SHAPE_PREFIX, TINY_SPECS
-    from base_models.shapes import SHAPES
-
     path = cfg.model.path
     if path.startswith(SHAPE_PREFIX):
         if path[len(SHAPE_PREFIX):] not in SHAPES:
@@ -345,22 +315,21 @@ def check_config(cfg: PipelineConfig, stages: list[Stage]) -> None:
         raise ConfigError(f"model.path: {path!r} is not a local folder (save_pretrained layout), one of "
                           f"{sorted(TINY_SPECS)} or shape:NAME; nothing is downloaded, fetch checkpoints first")
     names = {s.name for s in stages}
-    for stage in TRAINING_STAGES:
+    evaluates = any(s.name.startswith(EVAL_PREFIX) for s in stages)
+    for stage in RECIPES:
         if stage not in names:
             continue
-        section = getattr(cfg, stage)
-        if getattr(section, "init_from", "") == "stage0" and "stage0" not in names:
-            raise ConfigError(f"{stage}.init_from: 'stage0' names the tiny model's pretraining, which does not run "
-                              f"for model.path={path!r}; leave init_from empty (the base is model.path)")
+        section = cfg.section(stage)
+        if getattr(section, "init_from", "") == INIT_FROM_BASE_STAGE and INIT_FROM_BASE_STAGE not in names:
+            raise ConfigError(f"{stage}.init_from: {INIT_FROM_BASE_STAGE!r} names the tiny model's pretraining, which "
+                              f"does not run for model.path={path!r}; leave init_from empty (the base is model.path)")
         records = records_file(cfg, stage)
-        if "world" not in names and not records.is_file():
+        if WORLD_STAGE not in names and not records.is_file():
             key = f"{stage}.data.train" if section.data.train else "data_dir"
             raise ConfigError(f"{key}: {stage} records {str(records)!r} not found (format: README, 'Data formats'; "
                               "records/<stage>.jsonl under data_dir, or the stage's data.train)")
     _check_selection(cfg, names)
-    if "world" not in names and cfg.eval.splits and any(s.name.startswith("eval_") for s in stages):
-        from eval.core.items import DataError
-        from eval.benchmarks.unsafeconcepts import load_unsafeconcepts, select_rows
+    if WORLD_STAGE not in names and cfg.eval.splits and evaluates:
         key = "eval.data" if cfg.eval.data else "data_dir"
         try:
             data = load_unsafeconcepts(cfg.eval_data)
@@ -368,12 +337,10 @@ def check_config(cfg: PipelineConfig, stages: list[Stage]) -> None:
                 select_rows(data, split)
         except (DataError, FileNotFoundError) as exc:
             raise ConfigError(f"{key}: evaluation data {str(cfg.eval_data)!r}: {exc}") from None
-    if any(s.name.startswith("eval_") for s in stages):
+    if evaluates:
         if cfg.eval.protocol == "rlhf-test" and not cfg.eval.safe_data:
             raise ConfigError("eval.safe_data: the rlhf-test protocol needs the safe-image folder (metadata.json + images)")
         if cfg.eval.safe_data:
-            from eval.core.items import DataError
-            from eval.benchmarks.safe_images import load_safe_images
             try:
                 load_safe_images(cfg.eval.safe_data)
             except DataError as exc:
@@ -393,15 +360,13 @@ def _check_selection(cfg: PipelineConfig, names: set[str]) -> None:
         if not Path(sel.reuse).is_dir():
             raise ConfigError(f"selection.reuse: {sel.reuse!r} is not a run folder")
         return
-    if "world" in names:
+    if WORLD_STAGE in names:
         w = cfg.world
         if sel.split != "validation" or not (w.validation_unsafe or w.validation_safe or w.validation_render_fraction):
             raise ConfigError(f"selection.split: the concept world has no {sel.split!r} split to choose "
                               f"{sorted(selected)} on; set world.validation_unsafe / validation_safe / "
                               "validation_render_fraction, or selection.split='' to train each stage once")
         return
-    from eval.core.items import DataError
-    from eval.benchmarks.unsafeconcepts import load_unsafeconcepts, select_rows
     try:
         select_rows(load_unsafeconcepts(cfg.eval_data), sel.split)
     except (DataError, FileNotFoundError) as exc:
@@ -412,43 +377,38 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | tuple[str, ...
     return load_config(PipelineConfig, path, overrides)
 
 
-def _join_ranks():
-    """The ranks' context: under torchrun the process group (DeepSpeed's, which the training stages
-    share), else a context of one process (the training stages make their own group of one)."""
-    from runtime.distributed import setup
-    return setup()
-
-
 def _release_memory() -> None:
     """Free a finished stage's model and optimizer before the next one loads its own (on GPU a
     7B model per stage would not fit twice)."""
-    import torch
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 def run_pipeline(cfg: PipelineConfig, force: bool = False, only: list[str] | None = None,
-                 log: Callable[[str], None] = print) -> dict[str, dict]:
+                 log: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Run every stage of the plan not yet done (all with `force`); returns each stage's summary
-    (on rank 0; the other ranks of a torchrun get only what they ran)."""
+    (on rank 0; the other ranks of a torchrun get only what they ran). Progress goes to `log`
+    (default: this module's logger at INFO)."""
     planned = plan(cfg)
     known = [s.name for s in planned]
     if only and not set(only) <= set(known):
         raise ConfigError(f"--only: unknown stage(s) {sorted(set(only) - set(known))}; stages of this config: {known}")
     check_config(cfg, planned)
-    ctx = _join_ranks()
-    say = log if ctx.is_main else (lambda message: None)
+    # Under torchrun the process group (DeepSpeed's, which the training stages share), else a
+    # context of one process (the training stages make their own group of one).
+    ctx = setup()
+    say = (log or logger.info) if ctx.is_main else (lambda message: None)
     run_dir = cfg.root
     lock = runlock.acquire(run_dir) if ctx.is_main else None    # one run per run folder
     if ctx.is_main:
-        write_json_atomic(run_dir / "config.json", to_dict(cfg))
+        write_json_atomic(cfg.layout.config, to_dict(cfg))
     summaries: dict[str, dict] = {}
     stages = [s for s in planned if only is None or s.name in only]
     started = time.time()
     for index, stage in enumerate(stages, 1):
-        out = run_dir / stage.name
-        marker = out / "DONE.json"
+        out = cfg.layout.stage(stage.name).root
+        marker = cfg.layout.stage(stage.name).done
         prefix = f"[{index}/{len(stages)}] {stage.name}"
         done = ctx.gather(marker.is_file() and not force)[0]     # rank 0 decides for everyone
         if done:
@@ -466,7 +426,6 @@ def run_pipeline(cfg: PipelineConfig, force: bool = False, only: list[str] | Non
             summaries[stage.name] = summary
         ctx.barrier()
         say(f"{prefix}: finished in {round(time.time() - start, 2)} s (run so far {time.time() - started:.0f} s)")
-    from runtime.distributed import teardown
     teardown()
     if lock is not None:
         lock.release()

@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from runtime.layout import (ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, SWEEP_FILE, RunLayout,
+                            StageLayout)
 from safety_modules.configio import ConfigError
 from safety_modules.fileio import read_json, write_json_atomic
+from training.recipes.registry import names
 
-SELECTION_FILE = "selection.json"
-TRIALS_DIR = "trials"
-EQUAL_BUDGET = ("ppo", "sft", "dpo")       # the methods compared: the same number of trials each
-SELECTABLE = ("stage2", *EQUAL_BUDGET)
-KEPT = ("adapter", "summary.json", "config.json", "metrics.jsonl", "sweep.json")   # copied from the best trial
+EQUAL_BUDGET = names(on_top=True)          # the methods compared: the same number of trials each
+SELECTABLE = names(selectable=True)
+KEPT = (ADAPTER_DIR, SUMMARY_FILE, CONFIG_FILE, METRICS_FILE, SWEEP_FILE)   # copied from the best trial
 
 
 @dataclass
@@ -45,26 +46,28 @@ class Trials:
 
 
 @dataclass
-class SelectionSection:
-    """`selection:` of a run YAML. `split: ""` turns selection off (each stage trains once)."""
+class SelectionKeys:
+    """`selection:` of a run YAML, besides one `Trials` per selectable recipe (SelectionSection).
+    `split: ""` turns selection off (each stage trains once)."""
 
     split: str = "validation"
     reuse: str = ""                     # a run folder whose <stage>/selection.json choices are reused
-    stage2: Trials = field(default_factory=Trials)
-    ppo: Trials = field(default_factory=Trials)
-    sft: Trials = field(default_factory=Trials)
-    dpo: Trials = field(default_factory=Trials)
 
     def __post_init__(self) -> None:
         budgets = {name: len(getattr(self, name).values) for name in EQUAL_BUDGET}
         if len(set(budgets.values())) > 1:
-            raise ConfigError(f"selection: ppo, sft and dpo must each get the same number of trials (a fair "
-                              f"comparison), got {budgets}")
+            raise ConfigError(f"selection: {', '.join(EQUAL_BUDGET)} must each get the same number of trials (a "
+                              f"fair comparison), got {budgets}")
 
     def trials(self, stage: str) -> Trials | None:
         """The grid of `stage`, None when it is trained once with its own settings."""
         grid = getattr(self, stage, None) if stage in SELECTABLE else None
         return grid if self.split and grid is not None and grid.values else None
+
+
+# One grid per selectable recipe of the registry (`selection.stage2`, `selection.ppo`, ...).
+SelectionSection = make_dataclass("SelectionSection", [(name, Trials, field(default_factory=Trials)) for name in SELECTABLE],
+                                  bases=(SelectionKeys,), namespace={"__module__": __name__})
 
 
 def trial_name(key: str, value: Any) -> str:
@@ -98,7 +101,7 @@ def _keep(src: Path, dst: Path) -> None:
 
 def reused_value(run_dir: str | Path, stage: str, key: str) -> Any:
     """The value chosen for `stage` in an earlier run folder (a ConfigError naming `selection.reuse`)."""
-    path = Path(run_dir) / stage / SELECTION_FILE
+    path = RunLayout(run_dir).stage(stage).selection
     try:
         table = json.loads(path.read_text(encoding="utf-8"))
         chosen = table["chosen"]
@@ -111,7 +114,7 @@ def reused_value(run_dir: str | Path, stage: str, key: str) -> Any:
 
 def read_tables(run_dir: str | Path) -> dict[str, dict]:
     """stage -> its `selection.json` table, for the stages of a run folder that chose a value."""
-    paths = {stage: Path(run_dir) / stage / SELECTION_FILE for stage in SELECTABLE}
+    paths = {stage: RunLayout(run_dir).stage(stage).selection for stage in SELECTABLE}
     return {stage: read_json(path, "selection table") for stage, path in paths.items() if path.is_file()}
 
 
@@ -128,25 +131,25 @@ def select(stage: str, trials: Trials, out: Path,
     numbers present) is read back, so an interrupted selection continues. Under torchrun every
     rank trains and validates (sharded); only the `main` one writes, and `barrier` syncs the others.
     """
+    layout = StageLayout(out)
     rows = []
     for value in trials.values:
-        trial_dir = out / TRIALS_DIR / trial_name(trials.key, value)
-        numbers_file = trial_dir / "validation.json"
-        if numbers_file.is_file() and (trial_dir / "summary.json").is_file():
-            numbers = json.loads(numbers_file.read_text(encoding="utf-8"))
+        trial = layout.trial(trial_name(trials.key, value))
+        if trial.validation.is_file() and trial.summary.is_file():
+            numbers = json.loads(trial.validation.read_text(encoding="utf-8"))
         else:
-            train(trial_dir, nested(trials.key, value))
-            numbers = validate(trial_dir / "adapter", trial_dir / "eval_validation")
+            train(trial.root, nested(trials.key, value))
+            numbers = validate(trial.adapter, trial.validation_eval)
             if main:
-                write_json_atomic(numbers_file, numbers)
-        rows.append({"value": value, "run_dir": str(trial_dir), "validation": numbers, "score": score(numbers)})
+                write_json_atomic(trial.validation, numbers)
+        rows.append({"value": value, "run_dir": str(trial.root), "validation": numbers, "score": score(numbers)})
     best = max(rows, key=lambda row: (row["score"], -rows.index(row)))
     table = {"stage": stage, "key": trials.key, "chosen": best["value"], "criterion": criterion,
              "trials": rows}
     if main:
         _keep(Path(best["run_dir"]), out)
-        write_json_atomic(out / SELECTION_FILE, table)
+        write_json_atomic(layout.selection, table)
     barrier()
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    summary["selection"] = {"key": trials.key, "chosen": best["value"], "file": str(out / SELECTION_FILE)}
+    summary = json.loads(layout.summary.read_text(encoding="utf-8"))
+    summary["selection"] = {"key": trials.key, "chosen": best["value"], "file": str(layout.selection)}
     return summary

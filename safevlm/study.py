@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,44 +28,45 @@ import numpy as np
 
 from eval.headline import METRICS, Cell, concept_cells, read_evaluation
 from eval.provenance import environment
+from runtime.layout import StudyLayout
 from safety_modules.fileio import write_json_atomic, write_text_atomic
 from safevlm.pipeline import PipelineConfig, run_pipeline
 from safevlm.selection import read_tables
 from safevlm.summary import VARIANTS, sentence
 from concept_world.build import HELD_OUT_OF
 
+logger = logging.getLogger(__name__)
 
 DIFFERENCES = (("PPO", "SFT"), ("PPO", "DPO"))
 BOOTSTRAP_DRAWS = 2000
 BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
-REPORT_DIR = "report"
 
 
 def seed_config(cfg: PipelineConfig, seed: int, out: Path, reuse_from: Path | None) -> PipelineConfig:
     """The run config of one seed of the study: its own folder, seed (world, model init, training,
     classifiers) and, with `reuse_from`, the hyperparameters chosen in that run."""
     selection = dataclasses.replace(cfg.selection, reuse=str(reuse_from) if reuse_from else cfg.selection.reuse)
-    return dataclasses.replace(cfg, seed=seed, run_dir=str(out / f"seed-{seed}"),
+    return dataclasses.replace(cfg, seed=seed, run_dir=str(StudyLayout(out).seed(seed).root),
                                model=dataclasses.replace(cfg.model, seed=seed), selection=selection)
 
 
 def run_study(cfg: PipelineConfig, seeds: Sequence[int], out: Path, select_each: bool = False,
-              force: bool = False, log_line: Callable[[str], None] = print) -> dict:
+              force: bool = False, log_line: Callable[[str], None] | None = None) -> dict:
     """Run the pipeline for every seed (finished stages are skipped) and write the study report."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     seconds: dict[int, float] = {}
     for index, seed in enumerate(seeds):
-        reuse = None if select_each or index == 0 else out / f"seed-{seeds[0]}"
+        reuse = None if select_each or index == 0 else StudyLayout(out).seed(seeds[0]).root
         seed_cfg = seed_config(cfg, seed, out, reuse)
-        log_line(f"== seed {seed} ({index + 1}/{len(seeds)}) in {seed_cfg.run_dir}")
+        (log_line or logger.info)(f"== seed {seed} ({index + 1}/{len(seeds)}) in {seed_cfg.run_dir}")
         t0 = time.time()
         run_pipeline(seed_cfg, force=force, log=log_line)
         seconds[seed] = round(time.time() - t0, 1)
     report = write_study_report(out, list(seeds), cfg.eval.splits)
     report["seconds"] = {"total": round(time.time() - started, 1), "per_seed": seconds}
-    write_json_atomic(out / REPORT_DIR / "timing.json", report["seconds"])
+    write_json_atomic(StudyLayout(out).report.timing, report["seconds"])
     return report
 
 
@@ -75,13 +77,13 @@ Cells = dict[int, dict[str, Cell]]        # seed -> concept -> Cell
 def collect(out: Path, seeds: Sequence[int], splits: Sequence[str]) -> dict[str, dict[str, dict[str, Cells]]]:
     """method -> split -> metric -> seed -> concept -> Cell, from every seed's evaluation answers."""
     table: dict[str, dict[str, dict[str, Cells]]] = {}
-    for stage, method in VARIANTS:
+    for variant, method in VARIANTS:
         for split in splits:
             for seed in seeds:
-                folder = out / f"seed-{seed}" / stage / split
-                if not (folder / "results.json").is_file():
+                evaluation = StudyLayout(out).seed(seed).evaluation(variant, split)
+                if not evaluation.results.is_file():
                     continue
-                records, labeler = read_evaluation(folder)
+                records, labeler = read_evaluation(evaluation.root)
                 for metric, by_concept in concept_cells(records, labeler).items():
                     table.setdefault(method, {}).setdefault(split, {}).setdefault(metric, {})[seed] = by_concept
     return table
@@ -161,7 +163,7 @@ def _selection(out: Path, seeds: Sequence[int]) -> dict[str, dict]:
     """The hyperparameters chosen on the first seed's validation split (reused by the others)."""
     return {stage: {"key": table["key"], "chosen": table["chosen"],
                     "trials": [(t["value"], t["score"]) for t in table.get("trials", [])]}
-            for stage, table in read_tables(out / f"seed-{seeds[0]}").items()}
+            for stage, table in read_tables(StudyLayout(out).seed(seeds[0]).root).items()}
 
 
 def _plot(summary: dict, path: Path) -> None:
@@ -203,10 +205,10 @@ def write_study_report(out: Path, seeds: Sequence[int], splits: Sequence[str],
                                                   "levels": "seeds, then concepts within each drawn seed"},
                    selection=_selection(out, seeds), environment=environment(),
                    held_out_of={s: HELD_OUT_OF.get(s, "") for s in splits})
-    report = out / REPORT_DIR
-    report.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(report / "study.json", summary)
-    with (report / "study.csv").open("w", newline="") as fh:
+    report = StudyLayout(out).report
+    report.root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(report.study_json, summary)
+    with report.study_csv.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["kind", "split", "method", "metric", "mean", "low", "high"])
         for kind in ("estimates", "differences"):
@@ -214,9 +216,9 @@ def write_study_report(out: Path, seeds: Sequence[int], splits: Sequence[str],
                 for method, metrics in methods.items():
                     for metric, e in metrics.items():
                         writer.writerow([kind, split, method, metric, e["mean"], e["low"], e["high"]])
-    _plot(summary, report / "study.png")
-    write_text_atomic(report / "report.md", _markdown(summary))
-    return {"report": str(report / "report.md"), "summary": summary}
+    _plot(summary, report.study_figure)
+    write_text_atomic(report.markdown, _markdown(summary))
+    return {"report": str(report.markdown), "summary": summary}
 
 
 def _markdown(summary: dict) -> str:

@@ -16,11 +16,13 @@ from eval.provenance import environment
 from safety_modules.fileio import write_json_atomic
 from safevlm.selection import read_tables
 from concept_world.build import HELD_OUT_OF
+from runtime.layout import ReportLayout, RunLayout
+from training.recipes.registry import evaluated
 
-# (pipeline evaluation stage, the name shown in the report); the base's name is the caller's
-# ("base (stage 0)" for the tiny models, which stage 0 pretrains; "base" for a real checkpoint)
-VARIANTS = [("eval_base", "base"), ("eval_stage2", "stage 2"), ("eval_ppo", "PPO"),
-            ("eval_sft", "SFT"), ("eval_dpo", "DPO")]
+BASE_VARIANT = "base"                  # the base alone, evaluated in eval_base
+# (variant, the name shown in the report): the base, then every recipe with a row in the report;
+# the base's name is the caller's ("base (stage 0)" for the tiny models, "base" for a real checkpoint)
+VARIANTS = [(BASE_VARIANT, "base"), *((r.name, r.report_name) for r in evaluated())]
 COLUMNS = [
     ("image_alignment", "image alignment acc (unsafe)"),
     ("image_alignment_na_wrong", "image alignment acc, NA counted wrong"),
@@ -64,7 +66,7 @@ def _fmt(value) -> str:
 
 
 def _stage1_head(root: Path) -> dict[str, float | None]:
-    path = root / "stage1" / "summary.json"
+    path = RunLayout(root).stage("stage1").summary
     if not path.is_file():
         return {}
     summary = json.loads(path.read_text())
@@ -98,10 +100,10 @@ def _selection_lines(root: Path) -> list[str]:
 def collect(root: Path, splits: list[str], base_name: str = "base") -> dict:
     """Numbers of every evaluated variant per split, and the stage-1 head's accuracy."""
     table: dict[str, dict[str, dict]] = {}
-    for stage, name in VARIANTS:
-        name = base_name if stage == "eval_base" else name
+    for variant, name in VARIANTS:
+        name = base_name if variant == BASE_VARIANT else name
         for split in splits:
-            path = root / stage / split / "results.json"
+            path = RunLayout(root).evaluation(variant, split).results
             if path.is_file():
                 table.setdefault(split, {})[name] = _numbers(json.loads(path.read_text()))
     return {"splits": table, "stage1_head_accuracy": _stage1_head(root)}
@@ -128,7 +130,7 @@ def _plot(results: dict, out: Path, data: str) -> list[str]:
         ax.set_title(f"{data}, {split.replace('_', ' ')}")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out / f"comparison_{split}.png"
+        path = ReportLayout(out).figure(split)
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(str(path))
@@ -140,9 +142,10 @@ def write_pipeline_report(root: Path, out: Path, splits: list[str], data: str | 
     """results.json, report.md, report.csv and one PNG per split into `out`; `data` names the
     UnsafeConcepts folder evaluated (None: the concept world, whose splits are held out by design)."""
     out.mkdir(parents=True, exist_ok=True)
+    layout = ReportLayout(out)
     results = collect(Path(root), splits, base_name)
     results["environment"] = environment()
-    write_json_atomic(out / "results.json", results)
+    write_json_atomic(layout.results, results)
     where = ("Measured on renders and concepts of the concept world held out of training (what each split is "
              "held out of is said under its heading)" if data is None
              else f"Measured on {data}, splits {', '.join(splits)}")
@@ -161,17 +164,17 @@ def write_pipeline_report(root: Path, out: Path, splits: list[str], data: str | 
             rows.append({"split": split, "model": name, **numbers})
         if all(numbers["safe_accuracy"] is None for numbers in variants.values()):
             lines += ["", f"False refusal on {split}: {FALSE_REFUSAL_NOT_MEASURED}"]
-        lines += ["", f"![{split}](comparison_{split}.png)", ""]
+        lines += ["", f"![{split}]({ReportLayout.figure_name(split)})", ""]
     head = results["stage1_head_accuracy"]
     if head:
         lines += ["## Stage-1 safety head (safety-level accuracy)", "", "| records | accuracy |", "| --- | --- |"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in head.items()] + [""]
     lines += _selection_lines(Path(root))
     lines += ["## Environment", "", "```", json.dumps(results["environment"], indent=1), "```", ""]
-    (out / "report.md").write_text("\n".join(lines))
-    with (out / "report.csv").open("w", newline="") as fh:
+    layout.markdown.write_text("\n".join(lines))
+    with layout.csv.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["split", "model"] + [k for k, _ in COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
     figures = _plot(results, out, data[0].upper() + data[1:])
-    return {"report": str(out / "report.md"), "results": str(out / "results.json"), "figures": figures}
+    return {"report": str(layout.markdown), "results": str(layout.results), "figures": figures}

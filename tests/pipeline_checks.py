@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-ADAPTER_STAGES = ("stage1", "stage2", "ppo", "sft", "dpo")
+from training.recipes.registry import exporting_adapters
+
+ADAPTER_STAGES = exporting_adapters()
 
 
 def assert_adapters_reproduce_outputs(run_dir: Path, base: str | Path, image: Path) -> None:

@@ -29,10 +29,12 @@ from safevlm.cli import main as cli_main
 from training.collator import TrainingCollator
 from training.config import DataConfig, ModelSpec, TrainConfig
 from training.dpo_data import PairCollator
-from training.recipes import load_training_records
-from training.recipes.baselines import baseline_base, load_baseline_config, split_heldout
-from training.recipes.dpo import DPOConfig, build_dpo_model, train_dpo
-from training.recipes.sft import SFTConfig, build_sft_model, train_sft
+from training.recipes.baseline import split_heldout
+from training.recipes.common import load_training_records
+from training.recipes.dpo import DPOConfig, train_dpo
+from training.recipes.registry import recipe
+from training.recipes.sft import SFTConfig, train_sft
+from training.recipes.start import baseline_base, build_baseline_model
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO2 = str(REPO / "configs" / "deepspeed" / "zero2.json")
@@ -82,7 +84,7 @@ def test_sft_lowers_the_response_lm_loss_and_exports_an_exact_adapter(tmp_path, 
     data, adapter = stage2
     cfg = SFTConfig(run_dir=str(tmp_path / "run" / "sft"), model=ModelSpec("tiny"), adapter=str(adapter),
                     heldout_fraction=0.25, data=DataConfig(train=str(data)), train=train_cfg())
-    model = build_sft_model(cfg)
+    model = build_baseline_model(cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters() if "lora_" in n} | {"safety.llm_tokens"}
     summary = train_sft(cfg, model)
@@ -127,7 +129,7 @@ def test_dpo_raises_reward_accuracy_against_the_exact_base_reference(tmp_path, s
     cfg = DPOConfig(run_dir=str(tmp_path / "run" / "dpo"), model=ModelSpec("tiny"), adapter=str(adapter),
                     reference="base", heldout_fraction=0.25, beta=0.1, data=DataConfig(train=str(data)),
                     train=train_cfg())
-    model = build_dpo_model(cfg)
+    model = build_baseline_model(cfg)
     summary = train_dpo(cfg, model)
     before, after = summary["train_before"], summary["train_after"]
     assert after["reward_accuracy"] == 1.0 and after["reward_accuracy"] > before["reward_accuracy"], summary
@@ -157,7 +159,7 @@ def test_dpo_default_reference_is_the_starting_policy(tmp_path, stage2):
                     heldout_fraction=0.25, eval_records=4, answer_tokens=0, data=DataConfig(train=str(data)),
                     train=train_cfg(max_steps=3))
     assert cfg.reference == "start"
-    summary = train_dpo(cfg, build_dpo_model(cfg))
+    summary = train_dpo(cfg, build_baseline_model(cfg))
     assert summary["reference"] == "start"
     assert summary["train_before"]["margin"] == 0.0 and summary["train_before"]["reward_accuracy"] == 0.0
     assert summary["train_after"]["margin"] > 0 and "answer_accuracy" not in summary["heldout_after"]
@@ -211,7 +213,7 @@ def test_bad_inputs_stop_with_a_clear_error(tmp_path, stage2, capsys):
     config = tmp_path / "dpo.yaml"
     config.write_text(f"adapter: {adapter}\nrun_dir: {tmp_path / 'run'}\n")
     assert cli_main(["dpo", "--config", str(config), f"data.train={bad}"]) == 2
-    assert f"bad.jsonl:3: field 'rejected' is missing or empty" in capsys.readouterr().err
+    assert "bad.jsonl:3: field 'rejected' is missing or empty" in capsys.readouterr().err
     # a stage-1 adapter (no LoRA) is refused: the baselines train the stage-2 LoRA
     base, processor = load_base("tiny")
     save_adapter(attach(base, SAFETY, processor), tmp_path / "stage1")
@@ -220,13 +222,13 @@ def test_bad_inputs_stop_with_a_clear_error(tmp_path, stage2, capsys):
     assert cli_main(["sft", "--config", str(config), f"adapter={tmp_path / 'nowhere'}"]) == 2
     assert f"stage-2 adapter folder {tmp_path / 'nowhere'} not found" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"dpo: beta: must be > 0, got 0"):
-        load_baseline_config("dpo", DPOConfig, config, ["beta=0"])
+        recipe("dpo").load_config(config, ["beta=0"])
     with pytest.raises(ConfigError, match=r"dpo: reference: must be one of \['start', 'base'\], got 'no_lora'"):
-        load_baseline_config("dpo", DPOConfig, config, ["reference=no_lora"])
+        recipe("dpo").load_config(config, ["reference=no_lora"])
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text("run_dir: x\nmodel: {path: tiny}\nsft:\n  lr: 1e-3\n")
     with pytest.raises(ConfigError, match=r"sft.lr: unknown key"):
-        load_baseline_config("sft", SFTConfig, run_yaml)
+        recipe("sft").load_config(run_yaml)
     assert cli_main(["sft", "--config", str(config), "heldout_fraction=0", "--sweep", "train.lr=1e-3,1e-2"]) == 2
     assert "heldout_fraction is 0" in capsys.readouterr().err
 
@@ -236,9 +238,9 @@ def test_run_yaml_defaults_follow_the_stage2_run(tmp_path):
     run_yaml.write_text(f"run_dir: {tmp_path / 'run'}\nseed: 3\nmodel: {{path: tiny, seed: 1}}\n"
                         "safety: {num_safety_tokens: 4}\nstage2: {init_from: stage0}\n"
                         "dpo:\n  beta: 0.5\n  train: {lr: 1e-3}\n")
-    cfg = load_baseline_config("dpo", DPOConfig, run_yaml, ["train.epochs=3"])
+    cfg = recipe("dpo").load_config(run_yaml, ["train.epochs=3"])
     assert (cfg.run_dir, cfg.seed, cfg.model.seed, cfg.beta) == (str(tmp_path / "run" / "dpo"), 3, 1, 0.5)
-    assert (cfg.train.lr, cfg.train.epochs, cfg.train.micro_batch_size) == (1e-3, 3, 16)     # other defaults kept
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.micro_batch_size) == (1e-3, 3, TrainConfig().micro_batch_size)
     assert cfg.heldout_fraction == 0.1                                        # the section's default
     # the base is the one stage 2 of the same run recorded, not the `model` section
     stage2_dir = tmp_path / "run" / "stage2"
@@ -247,5 +249,5 @@ def test_run_yaml_defaults_follow_the_stage2_run(tmp_path):
     (stage2_dir / "config.json").write_text(json.dumps({"init_from": "stage0", "run_dir": str(stage2_dir),
                                                         "model": {"path": "tiny", "seed": 2}}))
     assert baseline_base(cfg) == ModelSpec(str(tmp_path / "run" / "stage0" / "model"), 2)
-    sft = load_baseline_config("sft", SFTConfig, run_yaml)                   # no `sft:` block: defaults
-    assert sft.run_dir == str(tmp_path / "run" / "sft") and sft.train.lr == 5e-3
+    sft = recipe("sft").load_config(run_yaml)                   # no `sft:` block: the library defaults
+    assert sft.run_dir == str(tmp_path / "run" / "sft") and sft.train == TrainConfig()

@@ -30,8 +30,7 @@ from red_blue import write_red_blue_world
 from safety_modules import SafetyConfig, attach, save_adapter
 from base_models.loading import load_base
 from training.checkpoint import latest_checkpoint
-from training.config import load_stage_config
-from training.recipes.stage2 import run_stage2
+from training.recipes.registry import recipe
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +83,7 @@ stage2:
 @pytest.fixture(scope="module")
 def reference(setup) -> Path:
     run_dir = setup.parent / "one"
-    run_stage2(load_stage_config("stage2", setup, [f"run_dir={run_dir}"]))
+    recipe("stage2").run_function(recipe("stage2").load_config(setup, [f"run_dir={run_dir}"]))
     return run_dir
 
 
@@ -160,7 +159,8 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(setup, reference):
     killed_at = int(latest_checkpoint(run_dir).name.split("-")[1])
     assert 2 <= killed_at < STEPS and not (run_dir / "adapter").exists()
 
-    summary = run_stage2(load_stage_config("stage2", setup, [f"run_dir={run_dir}"]), resume=True)
+    stage2 = recipe("stage2")
+    summary = stage2.run_function(stage2.load_config(setup, [f"run_dir={run_dir}"]), resume=True)
     assert summary["steps"] == STEPS
     np.testing.assert_allclose(losses(run_dir), losses(reference), rtol=1e-6)
     a, b = adapter(run_dir), adapter(reference)

@@ -24,13 +24,12 @@ from safety_modules.configio import ConfigError
 from base_models.loading import load_base
 from safevlm.cli import main as cli_main
 from training.checkpoint import latest_checkpoint
-from training.config import (DataConfig, LoraSpec, ModelSpec, Stage0Config, Stage1Config, Stage1Section,
-                             Stage2Config, TrainConfig, load_stage_config, resolve_adapter_path, resolve_base_path,
-                             stage_config)
+from training.config import DataConfig, LoraSpec, ModelSpec, TrainConfig, resolve_base_path
+from training.recipes.registry import recipe
 from training.engine import TrainingDiverged, WarmupDecay, deepspeed_config
-from training.recipes.stage0 import run_stage0
-from training.recipes.stage1 import build_stage1_model, train_stage1
-from training.recipes.stage2 import build_stage2_model, train_stage2
+from training.recipes.stage0 import Stage0Config
+from training.recipes.stage1 import Stage1Config, Stage1Section, build_stage1_model, train_stage1
+from training.recipes.stage2 import Stage2Config, build_stage2_model, train_stage2
 from training.records import RecordError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +136,7 @@ def test_stage0_fine_tunes_the_plain_base_and_exports_it(tmp_path):
     data = red_blue_world(tmp_path / "world", n=8)
     cfg = Stage0Config(run_dir=str(tmp_path / "run" / "stage0"), model=ModelSpec("tiny"), safety=SAFETY,
                        data=DataConfig(train=str(data)), train=train_cfg(max_steps=6, lr=3e-3))
-    summary = run_stage0(cfg)
+    summary = recipe("stage0").run_function(cfg)
     assert summary["lm_loss_after"] < summary["lm_loss_before"]
     model, processor = load_base(summary["model"])                  # a loadable save_pretrained folder
     assert sum(p.numel() for p in model.parameters()) > 0 and processor.tokenizer is not None
@@ -246,21 +245,22 @@ def test_deepspeed_config_fills_auto_values(tmp_path):
 
 def test_stage_configs_from_a_run_yaml():
     tiny = REPO / "configs" / "tiny.yaml"
-    s1 = load_stage_config("stage1", tiny, ["train.lr=0.5"])
+    s1 = recipe("stage1").load_config(tiny, ["train.lr=0.5"])
     assert s1.run_dir == "checkpoints/tiny/stage1" and s1.train.lr == 0.5
     assert s1.safety.num_safety_tokens == 4                        # shared `safety` section
     assert resolve_base_path(s1) == str(Path("checkpoints/tiny/stage0/model"))
-    s2 = load_stage_config("stage2", tiny)
-    assert resolve_adapter_path(s2) == Path("checkpoints/tiny/stage1/adapter")
+    s2 = recipe("stage2").load_config(tiny)
+    assert s2.start_adapter == Path("checkpoints/tiny/stage1/adapter")
     for paper in ("llava-1.5-7b.yaml", "llava-v1.6-mistral-7b.yaml"):
-        one, two = (load_stage_config(s, REPO / "configs" / paper) for s in ("stage1", "stage2"))
+        one, two = (recipe(s).load_config(REPO / "configs" / paper) for s in ("stage1", "stage2"))
         assert (one.train.lr, one.train.epochs, one.train.global_batch_size) == (1e-5, 3, 128)
         assert (two.lora.r, two.lora.alpha, two.train.lr, two.train.epochs) == (256, 16, 1e-5, 3)
         assert one.train.deepspeed.endswith("zero2.json") and one.train.precision == "auto"
     with pytest.raises(ConfigError, match=r"stage1: train.lrr: unknown key"):
-        load_stage_config("stage1", tiny, ["train.lrr=1"])
+        recipe("stage1").load_config(tiny, ["train.lrr=1"])
     # the pipeline's way: a parsed section plus the run's shared settings
-    cfg = stage_config("stage1", Stage1Section(), run_dir="runs/x", seed=3, model=ModelSpec("tiny-next"), safety=SAFETY)
+    cfg = recipe("stage1").config_for_run(Stage1Section(), run_root="runs/x", seed=3, model=ModelSpec("tiny-next"),
+                                          safety=SAFETY)
     assert (cfg.run_dir, cfg.seed, cfg.model.path, cfg.safety) == (str(Path("runs/x/stage1")), 3, "tiny-next", SAFETY)
 
 

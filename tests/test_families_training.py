@@ -16,10 +16,10 @@ from red_blue import write_red_blue_world
 from safety_modules import AdapterError, SafetyConfig, attach, build_prompt, load_adapter, save_adapter
 from safety_modules.prompting import encode_batch
 from base_models.tiny_families import build_tiny_family, tiny_families
-from training.config import DataConfig, LoraSpec, ModelSpec, Stage1Config, Stage2Config, TrainConfig
+from training.config import DataConfig, LoraSpec, ModelSpec, TrainConfig
 from training.recipes.ppo import PPOConfig, build_ppo_model, train_ppo
-from training.recipes.stage1 import build_stage1_model, train_stage1
-from training.recipes.stage2 import build_stage2_model, train_stage2
+from training.recipes.stage1 import Stage1Config, build_stage1_model, train_stage1
+from training.recipes.stage2 import Stage2Config, build_stage2_model, train_stage2
 from training.rl.trainer import PPOSpec, RolloutSpec
 
 FAMILIES = tiny_families()

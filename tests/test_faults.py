@@ -33,12 +33,12 @@ from safety_modules.fileio import CorruptFileError, FileWriteError, read_json, w
 from safety_modules.guard import GuardError, GuardPolicy
 from base_models.loading import load_base
 from safevlm.cli import main as cli_main
-from test_engine import ZERO2, red_blue_world, stage1_cfg
+from test_engine import red_blue_world, stage1_cfg
 from training import checkpoint as ckpt
 from runtime import runlock
 from training.collator import TrainingCollator
 from training.engine import Trainer, TrainingDiverged, truncate_metrics
-from training.recipes import load_training_records, measured_before
+from training.recipes.common import load_training_records, measured_before
 from training.recipes.stage1 import build_stage1_model, stage1_loss, train_stage1
 from training.records import RecordError, load_records
 
@@ -276,7 +276,7 @@ def test_long_responses_are_refused_unless_the_config_truncates_them(tmp_path):
     data = long_world(tmp_path / "world", long_answer=True)
     count = lambda engine, batch: {"n": (torch.ones(len(batch["input_ids"])), torch.ones(len(batch["input_ids"])))}
     cfg = stage1_cfg(tmp_path / "a", data)
-    with pytest.raises(RecordError, match=rf"train.jsonl:1: the sequence is \d+ tokens"):
+    with pytest.raises(RecordError, match=r"train.jsonl:1: the sequence is \d+ tokens"):
         trainer = stage1_trainer(cfg, with_response=True)
         trainer.evaluate(trainer.dataset, trainer.collate_fn, count)
     cfg = stage1_cfg(tmp_path / "b", data)

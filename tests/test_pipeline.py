@@ -100,7 +100,7 @@ def test_rerun_skips_finished_stages(run_dir: Path):
     before = {s.name: (run_dir / s.name / "DONE.json").stat().st_mtime_ns for s in STAGES}
     proc = _run(run_dir)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    skipped = re.findall(r"\] (\w+): done already, skipped", proc.stdout)
+    skipped = re.findall(r"\] (\w+): done already, skipped", proc.stderr)
     assert skipped == [s.name for s in STAGES]
     after = {s.name: (run_dir / s.name / "DONE.json").stat().st_mtime_ns for s in STAGES}
     assert before == after

@@ -73,7 +73,7 @@ def test_one_process_runs_the_real_model_plan(user_setup, tmp_path):
     run_dir = tmp_path / "run"
     proc = _run(_overrides(user_setup, run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    started = re.findall(r"\] (\w+): ", proc.stdout)
+    started = re.findall(r"\] (\w+): ", proc.stderr)
     assert [s for i, s in enumerate(started) if s not in started[:i]] == PLAN
     _check_run(run_dir, user_setup["base"], user_setup["data"] / "images" / "0.png")
     config = json.loads((run_dir / "config.json").read_text())
@@ -95,7 +95,7 @@ def test_two_processes_run_the_plan_and_a_rerun_skips_it(user_setup, tmp_path):
     before = {name: (run_dir / name / "DONE.json").stat().st_mtime_ns for name in PLAN}
     again = _run(_overrides(user_setup, run_dir), processes=2)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert re.findall(r"\] (\w+): done already, skipped", again.stdout) == PLAN
+    assert re.findall(r"\] (\w+): done already, skipped", again.stderr) == PLAN
     assert before == {name: (run_dir / name / "DONE.json").stat().st_mtime_ns for name in PLAN}
 
 

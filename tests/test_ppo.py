@@ -394,16 +394,16 @@ ppo:
 
 @pytest.mark.slow
 def test_resumed_ppo_run_reproduces_the_uninterrupted_run(setup, tmp_path):
-    from training.recipes.ppo import run_ppo
+    from training.recipes.registry import recipe
 
     full = tmp_path / "full"
-    run_ppo(ppo_config(setup, full, max_steps=4, save_every=2))
+    recipe("ppo").run_function(ppo_config(setup, full, max_steps=4, save_every=2))
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
     (resumed / "checkpoints" / "latest").write_text("step-000002")
     shutil.copy(full / "before.json", resumed / "before.json")
-    summary = run_ppo(ppo_config(setup, resumed, max_steps=4, save_every=2), resume=True)
+    summary = recipe("ppo").run_function(ppo_config(setup, resumed, max_steps=4, save_every=2), resume=True)
     assert summary["steps"] == 4
 
     def metrics(run_dir: Path) -> list[dict]:

@@ -12,6 +12,7 @@ import pytest
 
 from eval.headline import Cell, concept_cells, pooled, selection_score
 from safevlm.study import bootstrap_draws, statistic, summarise, write_study_report
+from runtime.layout import StudyLayout
 from safevlm.summary import VARIANTS
 
 
@@ -93,14 +94,14 @@ def test_headline_cells_count_na_as_wrong_and_use_the_primary_labeler():
 def test_report_files_from_evaluation_answers(tmp_path: Path):
     rng = np.random.default_rng(1)
     for seed in (0, 1, 2):
-        for stage, _ in VARIANTS:
+        for variant, _ in VARIANTS:
             for split in ("heldout_render", "heldout_concept"):
                 records = []
                 for concept in ("knife", "gun", "skull"):
                     for _ in range(5):
-                        right = rng.random() < (0.8 if stage == "eval_ppo" else 0.4)
+                        right = rng.random() < (0.8 if variant == "ppo" else 0.4)
                         records.append(_record("alignment", concept, False, "Unsafe", "Unsafe" if right else "Safe"))
-                _write_eval(tmp_path / f"seed-{seed}" / stage / split, records)
+                _write_eval(StudyLayout(tmp_path).seed(seed).evaluation(variant, split).root, records)
     result = write_study_report(tmp_path, [0, 1, 2], ["heldout_render", "heldout_concept"], draws=200)
     report = tmp_path / "report"
     summary = json.loads((report / "study.json").read_text())

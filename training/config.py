@@ -1,9 +1,11 @@
-"""Trainer and recipe configs: YAML -> dataclasses through `safety_modules.configio`.
+"""The config pieces every recipe shares (model, data, optimisation, LoRA) and how a recipe's config
+is read from YAML: dataclasses through `safety_modules.configio`.
 
 Why sections: one YAML file (e.g. `configs/tiny.yaml`) describes a whole run. Keys shared by every
-stage (`run_dir`, `seed`, `model`, `safety`) sit at the top; each stage adds a section (`stage0:`,
-`stage1:`, `stage2:`) holding only what is its own (`data`, `train`, ...). A recipe config is the
-shared keys plus one section, and each stage writes into `<run_dir>/<stage>/`.
+method (`run_dir`, `seed`, `model`, `safety`) sit at the top; each method adds a section (`stage1:`,
+`ppo:`, ...) holding only what is its own (`data`, `train`, ...), defined beside its recipe in
+`training/recipes/<name>.py`. A recipe config is the shared keys plus one section, and each method
+writes into `<run_dir>/<name>/`.
 
 Chaining stages without hard-coded paths: `init_from: stage0` starts a stage from the model that
 stage 0 of the same run exported (`<run_dir>/stage0/model`); stage 2's `adapter: ""` means the
@@ -22,8 +24,10 @@ from safety_modules.configio import ConfigError, from_dict, merge, parse_overrid
 from safety_modules.images import MAX_IMAGE_PIXELS
 from safety_modules.input_format import CONVERSATION_NAMES, IMAGE_PREPROCESS, PROCESSOR_PREPROCESS
 from base_models.loading import load_base
+from runtime.layout import RunLayout
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
+INIT_FROM_BASE_STAGE = "stage0"          # `init_from: stage0`: the model stage 0 of the same run exported
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -141,67 +145,29 @@ class LoraSpec:
             raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
 
 
-# -- per-stage sections (what a `stageN:` block of a run YAML may hold) --------------------------
 @dataclass
-class Stage0Section:
-    """Stage 0 (tiny default only): full fine-tune of the plain base on the world's stage-0 records."""
+class MethodSection:
+    """What every method's run-YAML section holds: its records and how it optimises; each method's
+    section adds its own keys."""
 
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval_records: int = 256              # LM loss before/after is measured on the first N training records
 
 
 @dataclass
-class Stage1Section:
-    """Stage 1: base frozen; safety projector, tokens and head trained on the classification loss."""
+class RecipeRun:
+    """The run-wide keys a recipe config adds to its section: where it writes, its seed, its base."""
 
-    init_from: str = ""                  # "": the `model` section; "stage0": <run_dir>/stage0/model; or a folder
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval_files: list[str] = field(default_factory=list)   # extra records files: head accuracy reported per file
-
-
-@dataclass
-class Stage2Section:
-    """Stage 2: stage-1 adapter loaded; LoRA + safety tokens (+ head) on LM loss + weighted classification."""
-
-    init_from: str = ""                  # must name the base stage 1 was trained on
-    adapter: str = ""                    # stage-1 adapter folder; "": <run_dir>/stage1/adapter
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    loss_weight: float | None = None     # None: the adapter's SafetyConfig.loss_weight
-    train_head: bool = True
-    train_projector: bool = False        # the paper trains tokens (+ head) in stage 2, not the projector
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval_records: int = 256              # LM loss before/after is measured on the first N training records
-
-
-# -- full recipe configs = shared keys + one section ---------------------------------------------
-@dataclass
-class Stage0Config(Stage0Section):
-    run_dir: str = "checkpoints/tiny/stage0"
-    seed: int = 0
-    model: ModelSpec = field(default_factory=ModelSpec)
-    safety: SafetyConfig = field(default_factory=SafetyConfig)   # only its label vocabulary, to check records
-
-
-@dataclass
-class Stage1Config(Stage1Section):
-    run_dir: str = "checkpoints/tiny/stage1"
-    seed: int = 0
-    model: ModelSpec = field(default_factory=ModelSpec)
-    safety: SafetyConfig = field(default_factory=SafetyConfig)
-
-
-@dataclass
-class Stage2Config(Stage2Section):
-    run_dir: str = "checkpoints/tiny/stage2"
+    run_dir: str = "checkpoints/run"
     seed: int = 0
     model: ModelSpec = field(default_factory=ModelSpec)
 
+    def pinned_inputs(self) -> dict[str, str]:
+        """What it starts from, as settings that still hold when it trains in another folder (a
+        selection trial's); the recipes whose defaults are relative to `run_dir` say them here."""
+        return {}
 
-STAGE_CONFIGS: dict[str, type] = {"stage0": Stage0Config, "stage1": Stage1Config, "stage2": Stage2Config}
-STAGE_SECTIONS: dict[str, type] = {"stage0": Stage0Section, "stage1": Stage1Section, "stage2": Stage2Section}
+
 SHARED_KEYS = ("seed", "model", "safety")
 
 
@@ -216,18 +182,13 @@ def as_model_spec(model: Any) -> ModelSpec:
     return ModelSpec(path=model.path, seed=model.seed)
 
 
-def stage_config(stage: str, section: Any, *, run_dir: str | Path, seed: int = 0, model: Any = None,
-                 safety: SafetyConfig | None = None):
-    """The recipe config of `stage` from a parsed section and the run's shared settings.
-
-    For the pipeline: `stage_config("stage1", pipeline_cfg.stage1, run_dir=pipeline_cfg.run_dir,
-    seed=..., model=pipeline_cfg.model, safety=pipeline_cfg.safety)`; `model` only needs `.path`
-    and `.seed`. The stage writes into `<run_dir>/<stage>`.
-    """
-    cls = STAGE_CONFIGS[stage]
+def recipe_config(cls: type, name: str, section: Any, *, run_root: str | Path, seed: int = 0, model: Any = None,
+                  safety: SafetyConfig | None = None):
+    """The recipe config `cls` of method `name` from a parsed run-YAML section and the run's shared
+    settings (what the pipeline does for each training stage); it writes into `<run_root>/<name>`.
+    `model` only needs `.path` and `.seed`; `safety` is used where `cls` has the key."""
     values = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
-    values["run_dir"] = str(Path(run_dir) / stage)
-    values["seed"] = seed
+    values.update(run_dir=str(RunLayout(run_root).stage(name).root), seed=seed)
     if model is not None:
         values["model"] = as_model_spec(model)
     if safety is not None and "safety" in _field_names(cls):
@@ -241,7 +202,6 @@ def run_section(path: str | Path, data: dict[str, Any], name: str, cls: type) ->
     The section's keys are checked against `cls` (less the run-wide keys); the run-wide `seed`,
     `model` and `safety` that `cls` has are copied in; the run writes into `<run_dir>/<name>`; and a
     section naming no records reads `<data root>/records/<name>.jsonl` (see `default_records`).
-    Shared by the stage recipes and the baselines/PPO, so a run YAML means the same to all of them.
     """
     section = data.get(name) or {}
     if not isinstance(section, dict):
@@ -253,53 +213,45 @@ def run_section(path: str | Path, data: dict[str, Any], name: str, cls: type) ->
         raise ConfigError(f"{path}: {name}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(own))})")
     shared = {k: data[k] for k in SHARED_KEYS if k in data and k in fields}
     root = Path(data.get("run_dir", "checkpoints/run"))
-    flat = {**shared, **section, "run_dir": str(root / name)}
+    flat = {**shared, **section, "run_dir": str(RunLayout(root).stage(name).root)}
     if not (flat.get("data") or {}).get("train"):
         flat["data"] = {**(flat.get("data") or {}), "train": str(default_records(root, data.get("data_dir") or "", name))}
     return flat
 
 
-def load_stage_config(stage: str, path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
-    """Load the recipe config of `stage` from a run YAML (with a `stageN:` section) or a flat one.
+def load_recipe_config(name: str, cls: type, path: str | Path, overrides: list[str] | tuple[str, ...] = ()):
+    """The config `cls` of method `name` from a YAML file plus `key=value` overrides.
 
-    Overrides use the recipe config's keys: `train.lr=1e-3`, `data.train=DIR/records/stage1.jsonl`.
+    A run YAML (e.g. configs/tiny.yaml) gives the shared `seed`/`model`/`safety` keys and its
+    `name:` block (the section's defaults when there is none); the run writes into
+    `<run_dir>/<name>`. A flat YAML holding only keys of `cls` is read as the config itself.
+    Overrides use the config's keys: `train.lr=1e-3`, `data.train=DIR/records/stage1.jsonl`.
     """
-    if stage not in STAGE_CONFIGS:
-        raise ConfigError(f"stage: must be one of {sorted(STAGE_CONFIGS)}, got {stage!r}")
-    cls = STAGE_CONFIGS[stage]
     data = read_yaml(path)
-    if stage in data:
-        flat = run_section(path, data, stage, cls)
-    else:
-        flat = {k: v for k, v in data.items() if not k.startswith("stage")}
-    flat = merge(flat, parse_overrides(list(overrides)))
+    flat = run_section(path, data, name, cls) if name in data or not set(data) <= _field_names(cls) else data
     try:
-        return from_dict(cls, flat)
+        return from_dict(cls, merge(flat, parse_overrides(list(overrides))))
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {stage}: {exc}") from None
+        raise ConfigError(f"{path}: {name}: {exc}") from None
 
 
 def data_root(run_root: str | Path, data_dir: str = "") -> Path:
-    """A run YAML's data folder: its `data_dir`, else the concept world `safevlm run` builds into
-    `<run_dir>/world/data`. Both hold `records/<stage>.jsonl` and the UnsafeConcepts-layout files."""
-    return Path(data_dir) if data_dir else Path(run_root) / "world" / "data"
+    """A run YAML's data folder: its `data_dir`, else the concept world `safevlm run` builds
+    (`RunLayout.world_data`). Both hold `records/<stage>.jsonl` and the UnsafeConcepts-layout files."""
+    return RunLayout(run_root).data(data_dir).root
 
 
 def default_records(run_root: str | Path, data_dir: str, stage: str) -> Path:
     """A stage's records when its section names none: `<data root>/records/<stage>.jsonl`."""
-    return data_root(run_root, data_dir) / "records" / f"{stage}.jsonl"
+    return RunLayout(run_root).data(data_dir).records(stage)
 
 
 def resolve_base_path(cfg) -> str:
-    """The model spec a stage starts from (`init_from`, else the `model` section)."""
+    """The model spec a stage starts from (`init_from`, else the `model` section); `init_from:
+    stage0` is the model stage 0 of the same run exported."""
     init_from = getattr(cfg, "init_from", "")
     if not init_from:
         return cfg.model.path
-    if init_from == "stage0":
-        return str(Path(cfg.run_dir).parent / "stage0" / "model")
+    if init_from == INIT_FROM_BASE_STAGE:
+        return str(RunLayout(Path(cfg.run_dir).parent).base_model)
     return init_from
-
-
-def resolve_adapter_path(cfg: Stage2Config) -> Path:
-    """Stage 2's starting adapter: `adapter`, else `<run_dir>/stage1/adapter` of the same run."""
-    return Path(cfg.adapter) if cfg.adapter else Path(cfg.run_dir).parent / "stage1" / "adapter"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 
 
 def register(subparsers) -> None:
@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         safe_model = load_adapter(model, args.adapter, processor, strict_base=args.strict_base)
     else:
-        print("warning: no --adapter given: the safety modules are untrained, verdicts are meaningless",
-              file=sys.stderr)
+        logging.getLogger(__name__).warning("no --adapter given: the safety modules are untrained, verdicts are "
+                                            "meaningless")
         safe_model = attach(model, SafetyConfig(num_safety_tokens=4, num_queries=4), processor)
     verdicts = SafetyGuard(safe_model).verdict(images, args.prompt)
     rows = [{"image": path, **v.to_dict()} for path, v in zip(args.images, verdicts)]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from runtime.layout import RunLayout
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("study", help="repeat the whole pipeline over seeds; one report with 95% intervals")
+    p = subparsers.add_parser("study", help="repeat the whole pipeline over seeds; one report with 95%% intervals")
     p.add_argument("config", help="pipeline YAML, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds, 0..N-1 (default 5)")
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError(f"--seeds: must be >= 1, got {args.seeds}")
     cfg = load_pipeline_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path(cfg.run_dir) / "study"
+    out = Path(args.out) if args.out else RunLayout(cfg.run_dir).study
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 
 def register(subparsers) -> None:
@@ -41,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
     from concept_world import WorldConfig
     from concept_world.build import build_world, format_summary
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = WorldConfig(concepts=args.concepts, safe_concepts=args.safe_concepts,
                          images_per_concept=args.images_per_concept, size=args.size,
                          heldout_unsafe=args.heldout_unsafe, heldout_safe=args.heldout_safe,

@@ -1,7 +1,6 @@
-"""One recipe per training method (TRL/torchtune style): a config dataclass + `run_<name>(cfg)`.
-
-Each recipe module is short: build the model, the records and the loss, hand them to
-`training.engine.Trainer`, export what was trained. The helpers below are what they share.
+"""What every recipe shares: loading its records, writing its config, summary and before-metrics,
+training with the metrics of the untrained model kept for a resume, exporting an adapter, and the
+response-LM and head metrics.
 """
 
 from __future__ import annotations
@@ -12,24 +11,16 @@ from typing import Any, Callable
 
 import torch
 
+from safety_modules.adapter_io import save_adapter
 from safety_modules.config import SafetyConfig
 from safety_modules.configio import to_dict
 from safety_modules.fileio import CorruptFileError, read_json, write_json_atomic
 from safety_modules.labels import IGNORE_INDEX
-from training.config import DataConfig
 from runtime.distributed import is_main
+from runtime.layout import StageLayout
+from training.config import DataConfig
 from training.engine import Trainer
 from training.records import RecordSet, load_records
-
-# name -> "module:function"; imported lazily so `safevlm --help` stays fast.
-RECIPES = {
-    "stage0": "training.recipes.stage0:run_stage0",
-    "stage1": "training.recipes.stage1:run_stage1",
-    "stage2": "training.recipes.stage2:run_stage2",
-    "sft": "training.recipes.sft:run_sft",
-    "dpo": "training.recipes.dpo:run_dpo",
-    "ppo": "training.recipes.ppo:run_ppo",
-}
 
 
 def load_training_records(data: DataConfig, safety: SafetyConfig, *, require_answer: bool,
@@ -53,12 +44,18 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def save_run_config(run_dir: Path, cfg: Any) -> None:
-    write_json(Path(run_dir) / "config.json", to_dict(cfg))
+    write_json(StageLayout(run_dir).config, to_dict(cfg))
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """The finished run's summary, written to its folder (rank 0) and returned."""
+    write_json(StageLayout(run_dir).summary, summary)
+    return summary
 
 
 def measured_before(run_dir: Path, resume: bool, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
     """Metrics of the untrained model, kept in run_dir so a resumed run reports the true start."""
-    path = Path(run_dir) / "before.json"
+    path = StageLayout(run_dir).before
     if resume and path.is_file():
         try:
             return read_json(path, "metrics of the untrained model")
@@ -69,10 +66,23 @@ def measured_before(run_dir: Path, resume: bool, measure: Callable[[], dict[str,
     return before
 
 
+def fit_measured(trainer: Trainer, run_dir: Path, resume: bool, measure: Callable[[], Any]) -> tuple[Any, dict, Any]:
+    """(metrics before, the last step's metrics, metrics after): `measure` runs on the untrained model
+    (kept for a resume, see measured_before), the trainer resumes when asked and fits, `measure` again."""
+    before = measured_before(run_dir, resume, measure)
+    if resume:
+        trainer.resume()
+    last = trainer.fit()
+    return before, last, measure()
+
+
+def trainable_parameters(model) -> int:
+    """Parameters that train (ZeRO-3's partitioned ones counted whole)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+
+
 def export_adapter(trainer: Trainer, model, directory: Path) -> Path:
     """save_adapter with every safety (and LoRA) parameter gathered; rank 0 writes. Collective."""
-    from safety_modules.adapter_io import save_adapter
-
     params = list(model.safety.parameters()) + [p for n, p in model.named_parameters() if "lora_" in n]
     with trainer.gather(params):
         if is_main():

@@ -21,7 +21,7 @@ and PPO). Why our engine and not TRL's DPOTrainer: see training/recipes/sft.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,37 +29,26 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from runtime.distributed import is_main
+from runtime.layout import StageLayout
 from safety_modules.configio import ConfigError
-from training.config import ModelSpec, TrainConfig
 from training.dpo_data import (REFERENCE_START, REFERENCES, IndexedRows, PairCollator, check_pairs, reference_logps,
                                sequence_logps)
-from runtime.distributed import is_main
 from training.engine import Trainer
 from training.logprobs import dpo_loss
-from training.recipes import export_adapter, load_training_records, measured_before, save_run_config, write_json
-from training.recipes.baselines import (BaselineSection, baseline_train_defaults, build_baseline_model, limited,
-                                        scored_answers, split_heldout, trainable_parameters)
-
-# How a sweep ranks runs on the held-out slice: answers judged right first, then the DPO loss. The DPO
-# loss alone keeps falling as the rate grows while both answers' likelihoods collapse (on the concept
-# world lr 3e-4 / 1e-3 reached held-out DPO loss 0.11 / 0.005 with 96% / 74% of answers right).
-SWEEP_METRICS = [("answer_accuracy", "max"), ("dpo_loss", "min")]
+from training.recipes.answers import scored_answers
+from training.recipes.baseline import BaselineSection, baseline_summary, heldout_splits
+from training.recipes.common import export_adapter, fit_measured, load_training_records, save_run_config, write_summary
+from training.recipes.start import OnTopRun
 
 
 @dataclass
 class DPOSection(BaselineSection):
-    """The `dpo:` block of a run YAML.
-
-    beta 0.1: the DPO paper's default. lr 1e-4: the best of `--sweep train.lr=2e-6,3e-5,1e-4,3e-4,1e-3`
-    on the concept world after stage 2, measured with `reference: base` and the earlier rejected
-    answers (held-out answers right 100/100/100/96/74%; held-out DPO loss 0.568 before, 0.563 at the
-    reference code's 2e-6 -- it barely moved the model -- 0.331 at 1e-4).
-    `reference`: `start` (the starting policy, default) or `base` (its LoRA disabled); see above.
-    """
+    """The `dpo:` block of a run YAML: the baselines' keys, `beta` (the DPO paper's default) and
+    `reference`: `start` (the starting policy, default) or `base` (its LoRA disabled); see above."""
 
     beta: float = 0.1
     reference: str = REFERENCE_START
-    train: TrainConfig = field(default_factory=baseline_train_defaults(1e-4))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,10 +59,8 @@ class DPOSection(BaselineSection):
 
 
 @dataclass
-class DPOConfig(DPOSection):
+class DPOConfig(DPOSection, OnTopRun):
     run_dir: str = "checkpoints/tiny/dpo"
-    seed: int = 0
-    model: ModelSpec = field(default_factory=ModelSpec)
 
 
 def _margins(engine, batch, reference: torch.Tensor, beta: float):
@@ -107,26 +94,13 @@ def make_dpo_metrics(reference: torch.Tensor, beta: float):
     return metric_fn
 
 
-def build_dpo_model(cfg: DPOConfig):
-    """The stage-2 model with the baselines' trainable set (training/recipes/baselines.py)."""
-    return build_baseline_model(cfg)
-
-
-def run_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
-    """Train LoRA (+ safety tokens) on the preference pairs; export `<run_dir>/adapter`; return a summary."""
-    return train_dpo(cfg, build_dpo_model(cfg), resume)
-
-
 def train_dpo(cfg: DPOConfig, model, resume: bool = False) -> dict[str, Any]:
-    """DPO on a model from build_dpo_model."""
+    """DPO on a model from training.recipes.start.build_baseline_model."""
     run_dir = Path(cfg.run_dir)
     records = load_training_records(cfg.data, model.safety_config, require_answer=True, require_labels=False)
     check_pairs(records.dataset)                          # a pair without `rejected` stops before training
-    train_rows, heldout_rows = split_heldout(records, cfg.heldout_fraction, cfg.seed)
-    splits = {"train": IndexedRows(limited(train_rows, cfg.eval_records))}
-    if heldout_rows is not None:
-        splits["heldout"] = IndexedRows(limited(heldout_rows, cfg.eval_records))
-    train_pairs = IndexedRows(train_rows)
+    splits = heldout_splits(records, cfg, IndexedRows)
+    train_pairs = IndexedRows(splits.train_rows)
     collate = PairCollator(model.processor, max_length=cfg.data.max_length, max_image_pixels=cfg.data.max_image_pixels)
     # The engine is built before the reference pass so that ZeRO-3 has partitioned the model; the
     # loss reads the reference table, which is filled in place below.
@@ -141,35 +115,24 @@ def train_dpo(cfg: DPOConfig, model, resume: bool = False) -> dict[str, Any]:
                                dtype=trainer.dtype)
 
     reference.copy_(table(train_pairs))
-    eval_refs = {name: reference[:len(rows)] if name == "train" else table(rows) for name, rows in splits.items()}
+    eval_refs = {name: reference[:len(rows)] if name == "train" else table(rows)
+                 for name, rows in splits.measured.items()}
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         tables = {"train": reference, **{name: ref for name, ref in eval_refs.items() if name != "train"}}
-        save_file({name: ref.contiguous() for name, ref in tables.items()},
-                  str(run_dir / "reference_logps.safetensors"), metadata={"reference": cfg.reference, "columns": "chosen,rejected"})
-
-    report = "heldout" if "heldout" in splits else "train"
+        save_file({name: ref.contiguous() for name, ref in tables.items()}, str(StageLayout(run_dir).reference_logps),
+                  metadata={"reference": cfg.reference, "columns": "chosen,rejected"})
 
     def measure() -> dict[str, dict[str, float]]:
         out = {name: trainer.evaluate(rows, collate, make_dpo_metrics(eval_refs[name], cfg.beta))
-               for name, rows in splits.items()}
-        out[report].update(scored_answers(cfg, trainer, model, splits[report]))
+               for name, rows in splits.measured.items()}
+        out[splits.report].update(scored_answers(cfg, trainer, model, splits.measured[splits.report]))
         return out
 
-    before = measured_before(run_dir, resume, measure)
-    if resume:
-        trainer.resume()
-    last = trainer.fit()
-    after = measure()
-    summary = {
-        "stage": "dpo", "adapter": str(export_adapter(trainer, model, run_dir / "adapter")),
-        "records": len(train_rows), "heldout_records": 0 if heldout_rows is None else len(heldout_rows),
-        "skipped_records": records.skipped, "beta": cfg.beta, "reference": cfg.reference, **last,
-        "reward_accuracy_before": before[report]["reward_accuracy"],
-        "reward_accuracy_after": after[report]["reward_accuracy"],
-        "margin_before": before[report]["margin"], "margin_after": after[report]["margin"], "measured_on": report,
-        **{f"{name}_before": before[name] for name in before}, **{f"{name}_after": after[name] for name in after},
-        "trainable_parameters": trainable_parameters(model),
-    }
-    write_json(run_dir / "summary.json", summary)
-    return summary
+    before, last, after = fit_measured(trainer, run_dir, resume, measure)
+    adapter = export_adapter(trainer, model, StageLayout(run_dir).adapter)
+    report = splits.report
+    return write_summary(run_dir, baseline_summary(
+        "dpo", records, splits, model, adapter, last, before, after, beta=cfg.beta, reference=cfg.reference,
+        reward_accuracy_before=before[report]["reward_accuracy"], reward_accuracy_after=after[report]["reward_accuracy"],
+        margin_before=before[report]["margin"], margin_after=after[report]["margin"]))

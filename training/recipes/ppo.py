@@ -11,22 +11,13 @@ concept world's `records/ppo.jsonl` (human turn + "label"), safe and unsafe bala
 batch. The loop: training/rl/trainer.py.
 
 Why one trunk with a value head, not the reference code's layout (separate policy, reference and
-value models plus the reward model) nor a separate small critic: `bench/ppo_memory.py` runs one PPO
-step of each layout at the same config in fresh processes. On CPU at a ~1B LLaVA shape (CLIP
-ViT-B/32 + a 0.95B Llama, fp32, 2 prompts x 16 sampled tokens, LoRA r 64, RoBERTa-base-shaped
-reward model in both) the one-trunk step peaked at 6.25 GiB against 14.86 GiB (peak-memory ratio
-0.42; 0.41 counting only what the step added to the bare process) and took 182 s against 328 s
-(step-time ratio 0.55, a busy 2-core machine); it holds 1.26 B parameters against 3.49 B (measured
-when the reference was the LoRA-disabled trunk; the frozen start adds one copy of the LoRA and of
-the safety tokens, not of the base). The value costs one linear layer and no extra forward
-(log-probs and values come from one pass, one backward trains both), and the vision tower runs
-once per rollout instead of once per model. At LLaVA-1.5-7B shape the weights
-dominate even more (three 7B trunks against one), which is where the <= 0.4x memory target
-applies: `python bench/ppo_memory.py --device cuda --shape llava-1.5-7b` (not run here: no GPU was
-available to this work). A separate small critic would save little over the head (the trunk is
-already in memory) and would need its own vision features and tokenisation of the rollout. The
-price of the shared trunk: the value loss flows into the shared LoRA (scaled by `algo.vf_coef`,
-small by default) -- the usual trade-off of TRL-style value heads.
+value models plus the reward model) nor a separate small critic: the value costs one linear layer
+and no extra forward (log-probs and values come from one pass, one backward trains both), the
+vision tower runs once per rollout instead of once per model, and one base sits in memory instead
+of three. `bench/ppo_memory.py` measures both layouts' peak memory and step time in one run (the
+README's benchmark table has the figures). The price of the shared trunk: the value loss flows into
+the shared LoRA (scaled by `algo.vf_coef`, small by default) -- the usual trade-off of TRL-style
+value heads.
 
 Outputs in `run_dir`: metrics.jsonl (reward, KL, entropy, classifier-judged accuracy, losses per
 step), checkpoints/ (trainable tensors only: a resumed run rebuilds the reference from the stage-2
@@ -44,30 +35,25 @@ from typing import Any
 
 from safetensors.torch import save as safetensors_bytes
 
+from safety_modules.labels import TASK_LABELS
+from runtime.distributed import is_main
+from runtime.layout import RunLayout, StageLayout
 from safety_modules.configio import ConfigError
 from safety_modules.fileio import write_bytes_atomic
 from training.checkpoint import nonfinite_tensors
-from training.config import DataConfig, ModelSpec, TrainConfig
-from runtime.distributed import is_main
+from training.config import MethodSection
 from training.engine import TrainingDiverged
-from training.recipes import export_adapter, load_training_records, measured_before, save_run_config, write_json
-from training.recipes.baselines import build_baseline_model, load_baseline_config, stage2_adapter_path
+from training.recipes.common import (export_adapter, fit_measured, load_training_records, save_run_config,
+                                     trainable_parameters, write_summary)
+from training.recipes.start import OnTopRun, build_baseline_model, stage2_adapter_path
 from training.rl.reference import REFERENCE_KIND
 from training.rl.reward import REWARD_KINDS, ClassifierReward, classifier_task
 from training.rl.rollout import PolicyWithValue
 from training.rl.trainer import PPOSpec, PPOTrainer, RolloutSpec
 
-VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-def ppo_train_defaults() -> TrainConfig:
-    """The tiny default: a LoRA rate, constant after no warm-up (PPO's own KL terms keep it stable)."""
-    return TrainConfig(epochs=1, micro_batch_size=8, lr=1e-4, lr_schedule="constant", warmup_ratio=0.0,
-                       save_every=20, torch_threads=1)
-
 
 @dataclass
-class PPOSection:
+class PPOSection(MethodSection):
     """The `ppo:` block of a run YAML."""
 
     init_from: str = ""          # base of the stage-2 adapter; "": the base recorded beside it, else `model`
@@ -80,8 +66,6 @@ class PPOSection:
     eval_records: int = 64       # at most this many of them (0: all)
     rollout: RolloutSpec = field(default_factory=RolloutSpec)
     algo: PPOSpec = field(default_factory=PPOSpec)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=ppo_train_defaults)
 
     def __post_init__(self) -> None:
         if self.reward not in REWARD_KINDS:
@@ -91,19 +75,17 @@ class PPOSection:
 
 
 @dataclass
-class PPOConfig(PPOSection):
+class PPOConfig(PPOSection, OnTopRun):
     run_dir: str = "checkpoints/tiny/ppo"
-    seed: int = 0
-    model: ModelSpec = field(default_factory=ModelSpec)
 
-
-def load_ppo_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PPOConfig:
-    """From a run YAML's `ppo:` section (run_dir = <run_dir>/ppo) or a flat PPO YAML, plus overrides."""
-    return load_baseline_config("ppo", PPOConfig, path, overrides)
+    def pinned_inputs(self) -> dict[str, str]:
+        """The starting model and adapter and the reward classifier, as settings that hold in another folder."""
+        return {**super().pinned_inputs(), "classifier": str(classifier_path(self))}
 
 
 def classifier_path(cfg: PPOConfig) -> Path:
-    return Path(cfg.classifier) if cfg.classifier else Path(cfg.run_dir).parent / "classifiers" / "reward"
+    """`classifier`, else the reward classifier of the same run."""
+    return Path(cfg.classifier) if cfg.classifier else RunLayout(Path(cfg.run_dir).parent).reward_classifier
 
 
 def build_ppo_model(cfg: PPOConfig) -> PolicyWithValue:
@@ -114,8 +96,6 @@ def build_ppo_model(cfg: PPOConfig) -> PolicyWithValue:
 
 def check_labels(records) -> None:
     """Every prompt needs a label its classifier task knows (Safe/Unsafe; A-D for perception)."""
-    from response_classifier.data import TASK_LABELS
-
     for row in records:
         task = classifier_task(row["task"] or None)
         if row["label"] not in TASK_LABELS[task]:
@@ -131,14 +111,22 @@ def load_prompts(cfg: PPOConfig, policy: PolicyWithValue, path: str | None = Non
     return records
 
 
-def run_ppo(cfg: PPOConfig, resume: bool = False) -> dict[str, Any]:
-    """Train with PPO; export `<run_dir>/adapter` and `<run_dir>/value_head.safetensors`; return a summary."""
-    return train_ppo(cfg, build_ppo_model(cfg), resume)
+def _write_value_head(trainer: PPOTrainer, policy: PolicyWithValue, path: Path) -> None:
+    """The critic beside the adapter, written only when finite (rank 0, atomically). Collective."""
+    value_head = trainer.value_head_tensors()
+    bad = nonfinite_tensors(value_head)
+    if bad:
+        raise TrainingDiverged(f"ppo: value head tensors {bad} hold NaN/inf; {path} not written")
+    if is_main():
+        metadata = {"hidden_size": str(policy.value_head.proj.in_features)}
+        write_bytes_atomic(path, safetensors_bytes(value_head, metadata=metadata))
+    trainer.barrier()
 
 
 def train_ppo(cfg: PPOConfig, policy: PolicyWithValue, resume: bool = False) -> dict[str, Any]:
     """PPO on a policy from build_ppo_model."""
     run_dir = Path(cfg.run_dir)
+    layout = StageLayout(run_dir)
     records = load_prompts(cfg, policy)
     clf_dir = classifier_path(cfg)
     if not clf_dir.is_dir():
@@ -152,31 +140,16 @@ def train_ppo(cfg: PPOConfig, policy: PolicyWithValue, resume: bool = False) -> 
     eval_rows = list(load_prompts(cfg, policy, cfg.eval_file).dataset) if cfg.eval_file else list(records.dataset)
     if cfg.eval_records:
         eval_rows = eval_rows[:cfg.eval_records]
-    evaluate = lambda: trainer.evaluate(eval_rows)  # noqa: E731
-    before = measured_before(run_dir, resume, evaluate)
-    if resume:
-        trainer.resume()
-    last = trainer.fit()
-    after = evaluate()
-    adapter = export_adapter(trainer, policy.model, run_dir / "adapter")
-    value_head = trainer.value_head_tensors()
-    bad = nonfinite_tensors(value_head)
-    if bad:
-        raise TrainingDiverged(f"ppo: value head tensors {bad} hold NaN/inf; {run_dir / VALUE_HEAD_FILE} not written")
-    if is_main():
-        metadata = {"hidden_size": str(policy.value_head.proj.in_features)}
-        write_bytes_atomic(run_dir / VALUE_HEAD_FILE, safetensors_bytes(value_head, metadata=metadata))
-    trainer.barrier()
-    summary = {
-        "stage": "ppo", "adapter": str(adapter), "value_head": str(run_dir / VALUE_HEAD_FILE),
+    before, last, after = fit_measured(trainer, run_dir, resume, lambda: trainer.evaluate(eval_rows))
+    adapter = export_adapter(trainer, policy.model, layout.adapter)
+    _write_value_head(trainer, policy, layout.value_head)
+    return write_summary(run_dir, {
+        "stage": "ppo", "adapter": str(adapter), "value_head": str(layout.value_head),
         "classifier": str(clf_dir), "reward_kind": cfg.reward, "reference": REFERENCE_KIND,
         "reference_adapter": str(stage2_adapter_path(cfg)), "records": len(records),
         "skipped_records": records.skipped, "eval_records": len(eval_rows),
         "eval_source": cfg.eval_file or "training prompts (greedy)", **last,
         "reward_before": before["reward"], "reward_after": after["reward"],
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
-        "before": before, "after": after,
-        "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in policy.parameters() if p.requires_grad),
-    }
-    write_json(run_dir / "summary.json", summary)
-    return summary
+        "before": before, "after": after, "trainable_parameters": trainable_parameters(policy),
+    })

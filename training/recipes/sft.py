@@ -2,7 +2,7 @@
 
 Same prompts and labels as PPO (the concept world's `records/sft.jsonl`); the loss is the LM loss on
 the response tokens only (prompt and image masked, see training/collator.py). LoRA + LLM-side safety
-tokens are trained (see training/recipes/baselines.py). Exports `<run_dir>/adapter`; summary.json
+tokens are trained (see training/recipes/start.py). Exports `<run_dir>/adapter`; summary.json
 holds the response LM loss before and after training on the training records and on the held-out
 slice of them, and the share of greedy answers on that slice the rule-based check finds right.
 `safevlm sft --config FILE [key=value ...] [--sweep train.lr=1e-4,3e-4,1e-3]`.
@@ -26,39 +26,28 @@ modules: the PPO reward function plugs into its GRPO/RLOO trainers.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.layout import StageLayout
 from training.collator import TrainingCollator
-from training.config import ModelSpec, TrainConfig
 from training.engine import Trainer
-from training.recipes import (export_adapter, load_training_records, measured_before, response_lm_metrics,
-                              save_run_config, write_json)
-from training.recipes.baselines import (BaselineSection, baseline_train_defaults, build_baseline_model, limited,
-                                        scored_answers, split_heldout, trainable_parameters)
-
-# How a sweep ranks runs on the held-out slice: answers judged right, then the correct answers' LM loss.
-SWEEP_METRICS = [("answer_accuracy", "max"), ("lm_loss", "min")]
+from training.recipes.answers import scored_answers
+from training.recipes.baseline import BaselineSection, baseline_summary, heldout_splits
+from training.recipes.common import (export_adapter, fit_measured, load_training_records, response_lm_metrics,
+                                     save_run_config, write_summary)
+from training.recipes.start import OnTopRun
 
 
 @dataclass
 class SFTSection(BaselineSection):
-    """The `sft:` block of a run YAML.
-
-    lr 5e-3: the best of `--sweep train.lr=1e-4,5e-4,2e-3,5e-3,1e-2` on the concept world after stage 2
-    (held-out answers all right at every rate; held-out response LM loss 0.155 before, then
-    0.151 / 0.142 / 0.133 / 0.130 / 0.136).
-    """
-
-    train: TrainConfig = field(default_factory=baseline_train_defaults(5e-3))
+    """The `sft:` block of a run YAML (the keys every baseline has)."""
 
 
 @dataclass
-class SFTConfig(SFTSection):
+class SFTConfig(SFTSection, OnTopRun):
     run_dir: str = "checkpoints/tiny/sft"
-    seed: int = 0
-    model: ModelSpec = field(default_factory=ModelSpec)
 
 
 def sft_loss(engine, batch, lm_num_items):
@@ -71,50 +60,24 @@ def lm_metrics(engine, batch):
     return response_lm_metrics(engine, batch, run_head=False)
 
 
-def build_sft_model(cfg: SFTConfig):
-    """The stage-2 model with the baselines' trainable set (training/recipes/baselines.py)."""
-    return build_baseline_model(cfg)
-
-
-def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
-    """Train LoRA (+ safety tokens) on the correct answers; export `<run_dir>/adapter`; return a summary."""
-    return train_sft(cfg, build_sft_model(cfg), resume)
-
-
 def train_sft(cfg: SFTConfig, model, resume: bool = False) -> dict[str, Any]:
-    """SFT on a model from build_sft_model."""
+    """SFT on a model from training.recipes.start.build_baseline_model."""
     run_dir = Path(cfg.run_dir)
     records = load_training_records(cfg.data, model.safety_config, require_answer=True, require_labels=False)
-    train_rows, heldout_rows = split_heldout(records, cfg.heldout_fraction, cfg.seed)
+    splits = heldout_splits(records, cfg)
     collate = TrainingCollator(model.processor, max_length=cfg.data.max_length,
                                max_image_pixels=cfg.data.max_image_pixels)
-    trainer = Trainer(model, train_rows, collate, sft_loss, cfg.train, run_dir, seed=cfg.seed, name="sft",
+    trainer = Trainer(model, splits.train_rows, collate, sft_loss, cfg.train, run_dir, seed=cfg.seed, name="sft",
                       num_workers=cfg.data.num_workers)
     save_run_config(run_dir, cfg)
-    splits = {"train": limited(train_rows, cfg.eval_records)}
-    if heldout_rows is not None:
-        splits["heldout"] = limited(heldout_rows, cfg.eval_records)
-
-    report = "heldout" if "heldout" in splits else "train"
 
     def measure() -> dict[str, dict[str, float]]:
-        out = {name: trainer.evaluate(rows, collate, lm_metrics) for name, rows in splits.items()}
-        out[report].update(scored_answers(cfg, trainer, model, splits[report]))
+        out = {name: trainer.evaluate(rows, collate, lm_metrics) for name, rows in splits.measured.items()}
+        out[splits.report].update(scored_answers(cfg, trainer, model, splits.measured[splits.report]))
         return out
 
-    before = measured_before(run_dir, resume, measure)
-    if resume:
-        trainer.resume()
-    last = trainer.fit()
-    after = measure()
-    summary = {
-        "stage": "sft", "adapter": str(export_adapter(trainer, model, run_dir / "adapter")),
-        "records": len(train_rows), "heldout_records": 0 if heldout_rows is None else len(heldout_rows),
-        "skipped_records": records.skipped, **last,
-        "lm_loss_before": before[report]["lm_loss"], "lm_loss_after": after[report]["lm_loss"],
-        "measured_on": report,
-        **{f"{name}_before": before[name] for name in before}, **{f"{name}_after": after[name] for name in after},
-        "trainable_parameters": trainable_parameters(model),
-    }
-    write_json(run_dir / "summary.json", summary)
-    return summary
+    before, last, after = fit_measured(trainer, run_dir, resume, measure)
+    adapter = export_adapter(trainer, model, StageLayout(run_dir).adapter)
+    return write_summary(run_dir, baseline_summary(
+        "sft", records, splits, model, adapter, last, before, after,
+        lm_loss_before=before[splits.report]["lm_loss"], lm_loss_after=after[splits.report]["lm_loss"]))

@@ -8,18 +8,38 @@ each of `eval_files`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from runtime.layout import StageLayout
 from safety_modules import attach
+from safety_modules.config import SafetyConfig
 from training.collator import TrainingCollator
-from training.config import Stage1Config, resolve_base_path
+from training.config import MethodSection, RecipeRun, resolve_base_path
 from training.engine import Trainer
-from training.recipes import (export_adapter, head_accuracy, load_training_records, measured_before,
-                              save_run_config, write_json)
+from training.recipes.common import (export_adapter, fit_measured, head_accuracy, load_training_records,
+                                     save_run_config, write_summary)
 
+
+@dataclass
+class Stage1Section(MethodSection):
+    """Stage 1: base frozen; safety projector, tokens and head trained on the classification loss."""
+
+    init_from: str = ""                  # "": the `model` section; "stage0": <run_dir>/stage0/model; or a folder
+    eval_files: list[str] = field(default_factory=list)   # extra records files: head accuracy reported per file
+
+
+@dataclass
+class Stage1Config(Stage1Section, RecipeRun):
+    run_dir: str = "checkpoints/tiny/stage1"
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+
+    def pinned_inputs(self) -> dict[str, str]:
+        """Its starting model as a setting that holds in another folder (see RecipeRun)."""
+        return {"init_from": resolve_base_path(self)}
 
 def stage1_loss(engine, batch, lm_num_items):
     out = engine(**batch, run_llm=False)
@@ -38,11 +58,6 @@ def build_stage1_model(cfg: Stage1Config):
     return attach(base, cfg.safety, processor)
 
 
-def run_stage1(cfg: Stage1Config, resume: bool = False) -> dict[str, Any]:
-    """Train the safety modules on a frozen base; export `<run_dir>/adapter`; return a summary."""
-    return train_stage1(cfg, build_stage1_model(cfg), resume)
-
-
 def train_stage1(cfg: Stage1Config, model, resume: bool = False) -> dict[str, Any]:
     """Stage 1 on an attached model (see build_stage1_model)."""
     run_dir = Path(cfg.run_dir)
@@ -54,16 +69,12 @@ def train_stage1(cfg: Stage1Config, model, resume: bool = False) -> dict[str, An
     trainer = Trainer(model, records, collate, stage1_loss, cfg.train, run_dir, seed=cfg.seed,
                       name="stage1", num_workers=cfg.data.num_workers)
     save_run_config(run_dir, cfg)
-    before = measured_before(run_dir, resume, lambda: trainer.evaluate(records, collate, head_metrics))
-    if resume:
-        trainer.resume()
-    last = trainer.fit()
-    summary = {
-        "stage": "stage1", "adapter": str(export_adapter(trainer, model, run_dir / "adapter")),
+    before, last, after = fit_measured(trainer, run_dir, resume,
+                                       lambda: trainer.evaluate(records, collate, head_metrics))
+    return write_summary(run_dir, {
+        "stage": "stage1", "adapter": str(export_adapter(trainer, model, StageLayout(run_dir).adapter)),
         "records": len(records), "skipped_records": records.skipped, **last,
-        "train_before": before, "train_after": trainer.evaluate(records, collate, head_metrics),
+        "train_before": before, "train_after": after,
         "eval": {path: trainer.evaluate(data, collate, head_metrics) for path, data in evals.items()},
         "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.safety.parameters()),
-    }
-    write_json(run_dir / "summary.json", summary)
-    return summary
+    })

@@ -9,18 +9,47 @@ safety adapter and PEFT's LoRA files beside it. Reports the response LM loss bef
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from runtime.layout import RunLayout, StageLayout
 from safety_modules import add_lora, has_lora, load_adapter
 from training.collator import TrainingCollator
-from training.config import Stage2Config, resolve_adapter_path, resolve_base_path
+from training.config import LoraSpec, MethodSection, RecipeRun, resolve_base_path
 from training.engine import Trainer
-from training.recipes import (export_adapter, load_training_records, measured_before, response_lm_metrics,
-                              save_run_config, write_json)
+from training.recipes.common import (export_adapter, fit_measured, load_training_records, response_lm_metrics,
+                                     save_run_config, trainable_parameters, write_summary)
 
+
+@dataclass
+class Stage2Section(MethodSection):
+    """Stage 2: stage-1 adapter loaded; LoRA + safety tokens (+ head) on LM loss + weighted classification."""
+
+    init_from: str = ""                  # must name the base stage 1 was trained on
+    adapter: str = ""                    # stage-1 adapter folder; "": <run_dir>/stage1/adapter
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    loss_weight: float | None = None     # None: the adapter's SafetyConfig.loss_weight
+    train_head: bool = True
+    train_projector: bool = False        # the paper trains tokens (+ head) in stage 2, not the projector
+    eval_records: int = 256              # LM loss before/after is measured on the first N training records
+
+
+@dataclass
+class Stage2Config(Stage2Section, RecipeRun):
+    run_dir: str = "checkpoints/tiny/stage2"
+
+    @property
+    def start_adapter(self) -> Path:
+        """The adapter it starts from: `adapter`, else stage 1's of the same run."""
+        return Path(self.adapter) if self.adapter else RunLayout(Path(self.run_dir).parent).adapter("stage1")
+
+    def pinned_inputs(self) -> dict[str, str]:
+        """Its starting model and adapter as absolute settings: a trial trained in another folder
+        starts from this run's models (the defaults are relative to `run_dir`)."""
+        return {"adapter": str(self.start_adapter), "init_from": resolve_base_path(self)}
 
 def stage2_loss(engine, batch, lm_num_items):
     out = engine(**batch, num_items_in_batch=lm_num_items)
@@ -34,7 +63,7 @@ def stage2_loss(engine, batch, lm_num_items):
 def build_stage2_model(cfg: Stage2Config):
     """Base + stage-1 adapter (trainable) + LoRA, with the stage's trainable set."""
     base, processor = cfg.model.load(resolve_base_path(cfg))
-    adapter = resolve_adapter_path(cfg)
+    adapter = cfg.start_adapter
     if not adapter.is_dir():
         raise FileNotFoundError(f"adapter: stage-1 adapter folder {adapter} not found (run stage 1 first, or "
                                 "set adapter=DIR)")
@@ -49,11 +78,6 @@ def build_stage2_model(cfg: Stage2Config):
     return model
 
 
-def run_stage2(cfg: Stage2Config, resume: bool = False) -> dict[str, Any]:
-    """Train LoRA + safety tokens (+ head); export `<run_dir>/adapter`; return a summary."""
-    return train_stage2(cfg, build_stage2_model(cfg), resume)
-
-
 def train_stage2(cfg: Stage2Config, model, resume: bool = False) -> dict[str, Any]:
     """Stage 2 on a model from build_stage2_model."""
     run_dir = Path(cfg.run_dir)
@@ -63,17 +87,11 @@ def train_stage2(cfg: Stage2Config, model, resume: bool = False) -> dict[str, An
     trainer = Trainer(model, records, collate, stage2_loss, cfg.train, run_dir, seed=cfg.seed, name="stage2",
                       num_workers=cfg.data.num_workers)
     save_run_config(run_dir, cfg)
-    evaluate = lambda: trainer.evaluate(records, collate, response_lm_metrics, limit=cfg.eval_records)  # noqa: E731
-    before = measured_before(run_dir, resume, evaluate)
-    if resume:
-        trainer.resume()
-    last = trainer.fit()
-    after = evaluate()
-    summary = {
-        "stage": "stage2", "adapter": str(export_adapter(trainer, model, run_dir / "adapter")),
+    measure = lambda: trainer.evaluate(records, collate, response_lm_metrics, limit=cfg.eval_records)  # noqa: E731
+    before, last, after = fit_measured(trainer, run_dir, resume, measure)
+    return write_summary(run_dir, {
+        "stage": "stage2", "adapter": str(export_adapter(trainer, model, StageLayout(run_dir).adapter)),
         "records": len(records), "skipped_records": records.skipped, **last,
         "lm_loss_before": before["lm_loss"], "lm_loss_after": after["lm_loss"], "before": before, "after": after,
-        "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad),
-    }
-    write_json(run_dir / "summary.json", summary)
-    return summary
+        "trainable_parameters": trainable_parameters(model),
+    })
