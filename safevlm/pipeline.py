@@ -47,7 +47,7 @@ from runtime import runlock
 from runtime.distributed import setup, teardown
 from runtime.layout import CLASSIFIERS_DIR, EVAL_PREFIX, EXPORT_DIR, REPORT_DIR, WORLD_STAGE, RunLayout
 from safety_modules.config import SafetyConfig
-from safety_modules.configio import ConfigError, load_config, merge, replace_nested, to_dict
+from safety_modules.configio import ConfigError, load_config, replace_nested, to_dict
 from safety_modules.fileio import read_json, write_json_atomic
 from safevlm.selection import SelectionSection, nested, reused_value, select
 from safevlm.summary import BASE_VARIANT, write_pipeline_report
@@ -193,10 +193,8 @@ def _stage_runner(method: Recipe) -> Callable[[PipelineConfig, Path], dict]:
             if ctx.is_main:
                 write_json_atomic(cfg.layout.stage(method.name).selection, table)
             return {**summary, "selection": table}
-        pinned = recipe_cfg.pinned_inputs()     # a trial trained in its own folder starts from this run's models
-
         def train(trial_dir: Path, overrides: dict) -> dict:
-            return _train(method, recipe_cfg, merge(merge(pinned, overrides), {"run_dir": str(trial_dir)}))
+            return _train(method, recipe_cfg.for_trial(overrides, trial_dir))   # starts from this run's models
 
         def validate(adapter: Path, eval_dir: Path) -> dict:
             _evaluate_split(cfg, str(adapter), cfg.selection.split, eval_dir, tasks=VALIDATION_TASKS, ctx=ctx)

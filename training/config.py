@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from safety_modules.config import SafetyConfig
-from safety_modules.configio import ConfigError, from_dict, merge, parse_overrides, read_yaml
+from safety_modules.configio import ConfigError, from_dict, merge, parse_overrides, read_yaml, replace_nested
 from safety_modules.images import MAX_IMAGE_PIXELS
 from safety_modules.input_format import CONVERSATION_NAMES, IMAGE_PREPROCESS, PROCESSOR_PREPROCESS
 from base_models.loading import load_base
@@ -166,6 +166,11 @@ class RecipeRun:
         """What it starts from, as settings that still hold when it trains in another folder (a
         selection trial's); the recipes whose defaults are relative to `run_dir` say them here."""
         return {}
+
+    def for_trial(self, overrides: dict[str, Any], run_dir: str | Path):
+        """A copy that trains into `run_dir` with the nested `overrides` (a sweep's or a selection's
+        trial), starting from the same models as this config (`pinned_inputs`)."""
+        return replace_nested(self, merge(merge(self.pinned_inputs(), overrides), {"run_dir": str(run_dir)}))
 
 
 SHARED_KEYS = ("seed", "model", "safety")

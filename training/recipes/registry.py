@@ -1,12 +1,12 @@
 """The recipe registry: one record per training method, read by the CLI, the pipeline, the report,
 the hyperparameter selection and the tests.
 
-Adding a method is one module `training/recipes/<name>.py` (its run-YAML section, its config and
-`build_<name>_model(config)` and `train_<name>(config, model, resume=False) -> summary`) plus one `Recipe` below: `safevlm <name>` (or
-`safevlm train <name>`), the pipeline stage, its evaluation, its row in the report, its place in
-the selection and in the exported adapters all follow from the record.
+Adding a method is one module `training/recipes/<name>.py` (its run-YAML section, its config,
+`build_<name>_model(config)` and `train_<name>(config, model, resume=False) -> summary`) plus one
+`Recipe` below: `safevlm <name>` (or `safevlm train <name>`), the pipeline stage, its evaluation,
+its row in the report, its place in the selection and in the exported adapters all follow from it.
 
-The record names its classes and function as attributes of its module, imported on first use, so
+The record names its classes and functions as attributes of its module, imported on first use, so
 that `safevlm --help` and the registry itself import no torch.
 """
 
@@ -29,7 +29,7 @@ class Recipe:
 
     name: str                    # its CLI command, its `name:` block of a run YAML, its `<run_dir>/<name>` folder
     help: str                    # one line: the CLI's help and the pipeline's progress line
-    module: str                  # the module defining `section`, `config` and `run`
+    module: str                  # the module defining `section`, `config`, `build` and `train`
     section: str                 # the class of its run-YAML block (the keys that are its own)
     config: str                  # its section plus the run-wide keys (run_dir, seed, model[, safety])
     build: str                   # the function config -> the model it trains ("module:name" when shared)

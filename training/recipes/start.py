@@ -46,12 +46,6 @@ def baseline_base(cfg) -> ModelSpec:
     return dataclasses.replace(cfg.model, path=resolve_base_path(spec), seed=seed)
 
 
-def pinned_start(cfg) -> dict[str, str]:
-    """The starting model and adapter as absolute settings, so that a trial trained in another
-    folder (a sweep's, a selection's) starts from this run's models."""
-    return {"adapter": str(stage2_adapter_path(cfg)), "init_from": baseline_base(cfg).path if cfg.init_from else ""}
-
-
 def build_baseline_model(cfg):
     """Base + stage-2 adapter (safety modules + LoRA), with the trainable set of the methods on top."""
     adapter = stage2_adapter_path(cfg)
@@ -73,5 +67,7 @@ class OnTopRun(RecipeRun):
     """The run-wide keys of a method on top of stage 2: its config is its section plus these."""
 
     def pinned_inputs(self) -> dict[str, str]:
-        """What it starts from, as settings that hold in another folder (see pinned_start)."""
-        return pinned_start(self)
+        """The starting model and adapter as absolute settings, so that a trial trained in another
+        folder (a sweep's, a selection's) starts from this run's models."""
+        return {"adapter": str(stage2_adapter_path(self)),
+                "init_from": baseline_base(self).path if self.init_from else ""}

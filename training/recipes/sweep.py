@@ -16,10 +16,9 @@ from typing import Any, Callable
 
 from runtime.distributed import is_main
 from runtime.layout import StageLayout
-from safety_modules.configio import ConfigError, merge, parse_overrides, replace_nested
+from safety_modules.configio import ConfigError, parse_overrides
 from training.engine import TrainingDiverged
 from training.recipes.common import write_json
-from training.recipes.start import pinned_start
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +72,12 @@ def sweep(run: Callable[..., dict[str, Any]], cfg, grid: dict[str, list[Any]], m
     """
     _check(cfg, grid, metrics)
     layout = StageLayout(cfg.run_dir)
-    pinned = pinned_start(cfg)                 # every trial starts from this run's model
     results, summaries = [], {}
     for values in itertools.product(*grid.values()):
         combo = dict(zip(grid, values))
         trial_dir = layout.sweep_trial(_trial_name(combo))
         overrides = parse_overrides([f"{k}={v}" for k, v in combo.items()])
-        trial = replace_nested(cfg, merge(merge(pinned, overrides), {"run_dir": str(trial_dir)}))
+        trial = cfg.for_trial(overrides, trial_dir)      # every trial starts from this run's model
         done = StageLayout(trial_dir).summary
         try:
             summary = json.loads(done.read_text()) if resume and done.is_file() else run(trial, resume=resume)
